@@ -1,0 +1,297 @@
+"""Hugging Face DeepSeek-V2/V3 checkpoints, both ways.
+
+The in-memory model uses checkpoint names except in two places, mapped here:
+  - routed experts: `...mlp.experts.{e}.gate_proj.weight` (one key per expert) ↔ the stacked
+    parameter `...mlp.experts.gate_proj` [E, ...];
+  - MTP depth j (0-based): `model.layers.{L+j}.{enorm,hnorm,eh_proj,shared_head.norm}` ↔ `mtp.{j}.*`,
+    its decoder block `model.layers.{L+j}.<block keys>` ↔ `mtp.{j}.block.*`, and the checkpoint's
+    copies of the shared embedding/head (`embed_tokens`, `shared_head.head`) ↔ the main ones.
+Loading builds the model on the meta device, validates every key and shape against the safetensors
+headers first, then streams tensor by tensor into the final storage (FP8 blocks dequantized on the
+target device), so peak memory is about one model and a bad checkpoint fails before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .fp8 import dequantize_fp8_block
+from .model import DeepSeekModel
+
+log = logging.getLogger("deepmoe")
+
+INDEX_NAME = "model.safetensors.index.json"
+SUPPORTED_ARCHS = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+_MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or cannot be read."""
+
+
+# ---- names ---------------------------------------------------------------------------------------
+def hf_to_internal(key: str, cfg: ModelConfig) -> tuple[str, int | None, bool]:
+    """Checkpoint key → (model key, expert index or None, is a shared-weight copy)."""
+    shared = False
+    m = _LAYER.match(key)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        j, rest = int(m.group(1)) - cfg.num_hidden_layers, m.group(2)
+        if rest in _MTP_SHARED:
+            return _MTP_SHARED[rest], None, True
+        key = f"mtp.{j}.{rest}" if rest.startswith(_MTP_OWN) else f"mtp.{j}.block.{rest}"
+    m = _EXPERT.match(key)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2)), shared
+    return key, None, shared
+
+
+def internal_to_hf(model: DeepSeekModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor view) for everything a Hugging Face checkpoint holds."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    for name, t in model.state_dict(keep_vars=False).items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue  # transformers re-ties it on load
+        if name.startswith("mtp."):
+            _, j, rest = name.split(".", 2)
+            name = f"model.layers.{L + int(j)}.{rest.removeprefix('block.')}"
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
+        if m:
+            for e in range(t.shape[0]):
+                yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
+            continue
+        yield name, t
+    for j in range(cfg.num_nextn_predict_layers):  # the release format repeats the shared tensors
+        yield f"model.layers.{L + j}.embed_tokens.weight", model.model.embed_tokens.weight.detach()
+        yield f"model.layers.{L + j}.shared_head.head.weight", model.lm_head.weight.detach()
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def _key_files(path: Path) -> dict[str, Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = {f: path / f for f in set(weight_map.values())}
+        for f in files.values():
+            if not f.is_file():
+                raise CheckpointError(f"{index} lists {f.name}, which does not exist in {path}")
+        return {k: files[f] for k, f in weight_map.items()}
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"no *.safetensors files (and no {INDEX_NAME}) in {path}")
+    out: dict[str, Path] = {}
+    for f in shards:
+        for k in _open(f).keys():
+            out[k] = f
+    return out
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+
+
+def _read_config(path: Path) -> ModelConfig:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; expected a Hugging Face model directory")
+    raw = json.loads(cfg_file.read_text())
+    archs = set(raw.get("architectures") or [])
+    if archs and not archs & SUPPORTED_ARCHS:
+        raise CheckpointError(f"{cfg_file}: unsupported architecture {sorted(archs)}; deepmoe loads "
+                              f"{sorted(SUPPORTED_ARCHS)}")
+    try:
+        return ModelConfig.from_hf_dict(raw)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+
+
+def _fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
+    q = cfg.extra.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "fp8":
+        raise CheckpointError(f"unsupported quantization_config {q.get('quant_method')!r} (only DeepSeek fp8 blocks)")
+    return tuple(q.get("weight_block_size", (128, 128)))
+
+
+def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
+                    load_mtp: bool = True) -> DeepSeekModel:
+    """Load a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM directory (single or sharded, bf16 or FP8)."""
+    path = Path(path)
+    cfg = _read_config(path)
+    key_files = _key_files(path)
+    block = _fp8_block(cfg)
+    if dtype is None:
+        declared = cfg.extra.get("torch_dtype") or cfg.extra.get("dtype")
+        dtype = torch.float32 if block is None and declared == "float32" else torch.bfloat16
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    has_mtp = any((m := _LAYER.match(k)) and int(m.group(1)) >= L for k in key_files)
+    if D and (not has_mtp or not load_mtp):
+        if not has_mtp:  # transformers drops MTP weights when it saves; the config still declares them
+            log.warning("%s: config declares %d MTP layer(s) but the checkpoint holds no MTP weights; "
+                        "loading without MTP", path, D)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+        L_end = L
+    else:
+        L_end = L + D
+
+    with torch.device("meta"):
+        model = DeepSeekModel(cfg)
+    model = model.to(dtype)
+    targets = model.state_dict(keep_vars=True)
+    plan = _validate(path, key_files, cfg, targets, block, L_end)
+    model = model.to_empty(device=device)
+    model.reset_buffers()
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for file, keys in plan.items():
+            handle = _open(file)
+            for key, (name, expert) in keys.items():
+                t = handle.get_tensor(key).to(device)
+                if t.dtype == torch.float8_e4m3fn:
+                    scale_key = key + "_scale_inv"
+                    scale = _open(key_files[scale_key]).get_tensor(scale_key).to(device)
+                    t = dequantize_fp8_block(t, scale, block, torch.float32)
+                dst = targets[name] if expert is None else targets[name][expert]
+                dst.copy_(t.to(dst.dtype))
+    return model
+
+
+def _validate(path: Path, key_files: dict[str, Path], cfg: ModelConfig, targets: dict[str, torch.Tensor],
+              block, L_end: int) -> dict[Path, dict[str, tuple[str, int | None]]]:
+    """Check every key and shape from the headers alone; return file → {key: (model key, expert)}."""
+    plan: dict[Path, dict[str, tuple[str, int | None]]] = {}
+    needed = {n: (set(range(t.shape[0])) if _is_stacked(n) else None) for n, t in targets.items()}
+    headers: dict[Path, object] = {}
+    for key, file in key_files.items():
+        if key.endswith("_scale_inv"):
+            if key.removesuffix("_scale_inv") not in key_files:
+                raise CheckpointError(f"{file.name}: {key} has no matching weight")
+            continue
+        m = _LAYER.match(key)
+        if m and int(m.group(1)) >= L_end:
+            if L_end == cfg.num_hidden_layers:
+                continue  # MTP weights we chose not to load
+            raise CheckpointError(f"{file.name}: unexpected key {key} (config has {cfg.num_hidden_layers} layers "
+                                  f"+ {cfg.num_nextn_predict_layers} MTP)")
+        name, expert, shared = hf_to_internal(key, cfg)
+        if name not in targets:
+            raise CheckpointError(f"{file.name}: unexpected key {key} for this config")
+        header = headers.get(file) or headers.setdefault(file, _open(file))
+        sl = header.get_slice(key)
+        shape = tuple(sl.get_shape())
+        want = targets[name].shape if expert is None else targets[name].shape[1:]
+        if expert is not None and not 0 <= expert < targets[name].shape[0]:
+            raise CheckpointError(f"{file.name}: {key}: expert index {expert} out of range "
+                                  f"(n_routed_experts={targets[name].shape[0]})")
+        if shape != tuple(want):
+            raise CheckpointError(f"{file.name}: {key} has shape {list(shape)}, config expects {list(want)}")
+        if sl.get_dtype() in ("F8_E4M3", "F8_E5M2"):
+            if block is None or key + "_scale_inv" not in key_files:
+                raise CheckpointError(f"{file.name}: {key} is fp8 but has no weight_scale_inv / quantization_config")
+        if shared:
+            continue  # the MTP copy of the embedding/head: same weights as the main ones
+        if expert is None:
+            needed.pop(name, None)
+        else:
+            needed.get(name, set()).discard(expert)
+        plan.setdefault(file, {})[key] = (name, expert)
+    missing = [n for n, left in needed.items() if left is None or left]
+    if missing:
+        detail = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: checkpoint is missing weights for {detail}")
+    return plan
+
+
+def _is_stacked(name: str) -> bool:
+    return name.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj"))
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_size: int = 5 * 2**30,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json + safetensors (sharded above max_shard_size bytes) that transformers loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    items = list(internal_to_hf(model))
+    # plan shards from sizes alone, then materialise one shard at a time
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, t in items:
+        nbytes = t.numel() * (dtype.itemsize if dtype and t.is_floating_point() and not _keeps_fp32(key)
+                              else t.element_size())
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, t))
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for key, t in shard:
+            t = t.detach().to("cpu")
+            if dtype is not None and t.is_floating_point() and not _keeps_fp32(key):
+                t = t.to(dtype)
+            tensors[key] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
+            weight_map[key] = name
+            total += tensors[key].nbytes
+        _atomic_save_file(tensors, path / name)
+        del tensors
+    for stale in path.glob("model*.safetensors"):  # shards of an earlier save with another layout
+        if stale.name not in names:
+            stale.unlink()
+    index = path / INDEX_NAME
+    if n > 1:
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    elif index.exists():
+        index.unlink()
+    cfg = model.config.to_hf_dict()
+    cfg.pop("quantization_config", None)  # we always write dequantized weights
+    cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _keeps_fp32(key: str) -> bool:
+    return key.endswith("e_score_correction_bias")

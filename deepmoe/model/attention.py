@@ -1,0 +1,104 @@
+"""Multi-head latent attention (MLA), in its two equal forms.
+
+Keys and values are generated from a per-token latent: `kv_a_proj_with_mqa` gives c_kv (kv_lora_rank
+wide, normalised) plus one shared rope key k_pe. `kv_b_proj` expands c_kv to per-head k_nope and v.
+
+- naive form (training, prefill): expand K (nope+rope) and V per head, then ordinary attention.
+- absorbed form (decode, and any call with a cache): fold kv_b_proj's key half into the query and
+  its value half into the output, so attention runs directly over the cached latent
+  (kv_lora_rank + qk_rope_head_dim values per token per layer).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+class LatentCache(Protocol):
+    """What the model needs from a KV cache; allocation and layout belong to the caller."""
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, T, r) latents and (B, T, d_rope) rope keys at start_pos; return all keys so far."""
+        ...
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.interleave = cfg.rope_interleave
+        self.scale = softmax_scale(cfg)
+        d, H, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
+        B, T, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # (B, T, d_rope)
+
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe, start_pos)
+            absorb = True
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
+        else:
+            out = self._naive(q_nope, q_pe, c_kv, k_pe)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)
+        # SDPA wants (B, H, T, D); its math/efficient kernels accept v_dim != qk_dim.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)  # (B, T, H, v)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # query in latent space
+        scores = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        # query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i
+        q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
+        visible = torch.arange(S, device=scores.device)[None, :] <= q_pos[:, None]  # (T, S)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)  # (B, T, H, v)

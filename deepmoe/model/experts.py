@@ -1,0 +1,78 @@
+"""Routed experts stored stacked ([E, ...] tensors) and computed grouped by expert.
+
+Token copies are sorted by expert id on device, then each projection is one grouped GEMM
+(`torch._grouped_mm`) over the contiguous per-expert row blocks: no Python loop over experts and
+no host synchronisation. Where grouped GEMM is unavailable, a padded batched matmul does the same
+work (that fallback reads the largest group size, which syncs once per call).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (M, in), sorted by group, times their group's w[g] (G, out, in)ᵀ → (M, out)."""
+    if _grouped_mm_ok(x):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return _padded_grouped_mm(x, w, counts)
+
+
+def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    G, M = w.shape[0], x.shape[0]
+    cap = int(counts.max()) if M else 0
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.repeat_interleave(torch.arange(G, device=x.device), counts, output_size=M)
+    slot = torch.arange(M, device=x.device) - starts[group]
+    padded = x.new_zeros(G, cap, x.shape[1])
+    padded[group, slot] = x
+    return torch.bmm(padded, w.transpose(-2, -1))[group, slot]
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Plain per-group loop; the definition the fast paths are tested against."""
+    out, start = [], 0
+    for g, c in enumerate(counts.tolist()):
+        out.append(x[start:start + c] @ w[g].T)
+        start += c
+    return torch.cat(out)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_proj = nn.Parameter(torch.empty(E, inter, d))
+        self.up_proj = nn.Parameter(torch.empty(E, inter, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, inter))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, d), indices/weights (N, k) → Σ_j weights[:, j] · expert_{indices[:, j]}(x), shape (N, d)."""
+        N, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # token copies grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        xs = x[token]  # (N·k, d)
+        h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
+        ys = grouped_mm(h, self.down_proj, counts)  # (N·k, d)
+        # combine in fp32: the routing weights are fp32 and k partial sums lose bits in bf16
+        ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+        return out.index_add_(0, token, ys).to(x.dtype)

@@ -1,0 +1,76 @@
+"""DeepSeekMoE routing: which experts each token goes to, and with what weight.
+
+`route` is a pure function so every pitfall in REFERENCE.md is testable in isolation:
+fp32 logits and scores; the correction bias only *selects* (weights come from unbiased scores);
+masked groups get −inf, so no bias can pull in an expert from a dropped group.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class Routing(NamedTuple):
+    weights: torch.Tensor  # (N, k) fp32, already normalised and scaled
+    indices: torch.Tensor  # (N, k) int64 expert ids
+    scores: torch.Tensor  # (N, E) fp32 unbiased affinities (for the sequence-wise aux loss)
+
+
+def route(logits: torch.Tensor, *, top_k: int, scoring_func: str = "softmax", topk_method: str = "greedy",
+          n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = False,
+          routed_scaling_factor: float = 1.0, bias: torch.Tensor | None = None) -> Routing:
+    logits = logits.float()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias.float()
+    N, E = choice.shape
+    if topk_method != "greedy" and n_group > 1:
+        grouped = choice.view(N, n_group, E // n_group)
+        if topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        else:  # group_limited_greedy
+            group_score = grouped.amax(dim=-1)
+        keep = group_score.topk(topk_group, dim=-1).indices
+        group_mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # True = drop
+        choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(N, E)
+    indices = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(weights * routed_scaling_factor, indices, scores)
+
+
+class Gate(nn.Module):
+    """The router's parameters: `weight` (E, d) and, for noaux_tc, the fp32 `e_score_correction_bias`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.kwargs = dict(top_k=cfg.num_experts_per_tok, scoring_func=cfg.scoring_func,
+                           topk_method=cfg.topk_method, n_group=cfg.n_group or 1, topk_group=cfg.topk_group or 1,
+                           norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())  # (N, E): routing decisions need fp32
+        return route(logits, bias=self.e_score_correction_bias, **self.kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the balancing bias: its updates (γ = 1e-3) are
+        # below bf16 resolution. Follow device moves, keep fp32.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        new = self.e_score_correction_bias
+        if new is not None and new.dtype != torch.float32:
+            src = new if bias.device.type == "meta" else bias  # meta holds no values to preserve
+            self.e_score_correction_bias = src.to(device=new.device, dtype=torch.float32)
+        return self

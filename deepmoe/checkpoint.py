@@ -165,14 +165,18 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     model = model.to_empty(device=device)
     model.reset_buffers()
     targets = model.state_dict(keep_vars=True)
+    handles: dict[Path, object] = {}
+
+    def handle(file: Path):
+        return handles.get(file) or handles.setdefault(file, _open(file))
+
     with torch.no_grad():
         for file, keys in plan.items():
-            handle = _open(file)
             for key, (name, expert) in keys.items():
-                t = handle.get_tensor(key).to(device)
+                t = handle(file).get_tensor(key).to(device)
                 if t.dtype == torch.float8_e4m3fn:
                     scale_key = key + "_scale_inv"
-                    scale = _open(key_files[scale_key]).get_tensor(scale_key).to(device)
+                    scale = handle(key_files[scale_key]).get_tensor(scale_key).to(device)
                     t = dequantize_fp8_block(t, scale, block, torch.float32)
                 dst = targets[name] if expert is None else targets[name][expert]
                 dst.copy_(t.to(dst.dtype))

@@ -1,0 +1,85 @@
+"""Shared tiny configurations and helpers: transformers is the reference the model is checked against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deepmoe import ModelConfig
+from deepmoe.fp8 import quantize_fp8_block
+
+torch.set_num_threads(2)
+
+
+def v2_config(**kw) -> ModelConfig:
+    """DeepSeek-V2 style: softmax, group-limited greedy, no q compression, 2 shared experts."""
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=3, n_group=4,
+                topk_group=2, topk_method="group_limited_greedy", scoring_func="softmax", norm_topk_prob=False,
+                routed_scaling_factor=1.5, first_k_dense_replace=1, max_position_embeddings=256,
+                num_nextn_predict_layers=0)
+    return ModelConfig(**{**base, **kw})
+
+
+def v3_config(**kw) -> ModelConfig:
+    """DeepSeek-V3 style: sigmoid, noaux_tc with groups, q_lora, YaRN, one MTP layer."""
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
+                topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+                routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=256,
+                rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8},
+                num_nextn_predict_layers=1)
+    return ModelConfig(**{**base, **kw})
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """A random transformers DeepseekV2/V3ForCausalLM for `cfg`, fp32, with a non-zero routing bias."""
+    transformers = pytest.importorskip("transformers")
+    d = cfg.to_hf_dict()
+    d.pop("architectures")
+    hcfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape) * 0.05)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
+
+
+def write_fp8_twin(src: Path, fp8_dir: Path, twin_dir: Path, block=(32, 32)) -> None:
+    """From a checkpoint dir, write an FP8-block version and its exact dequantized fp32 twin."""
+    from deepmoe.fp8 import dequantize_fp8_block
+
+    fp8_dir.mkdir()
+    twin_dir.mkdir()
+    fp8, twin = {}, {}
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            quantize = (t.dim() == 2 and key.endswith("proj.weight"))  # linears; not embed/head/gate/norms
+            if quantize:
+                q, s = quantize_fp8_block(t, block)
+                fp8[key], fp8[key + "_scale_inv"] = q, s
+                twin[key] = dequantize_fp8_block(q, s, block, torch.float32)
+            else:
+                fp8[key] = twin[key] = t
+    save_file(fp8, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(twin, str(twin_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (twin_dir / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}))
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg))

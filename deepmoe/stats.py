@@ -60,19 +60,22 @@ def human(n: float, unit: str = "") -> str:
 
 def format_stats(name: str, cfg: ModelConfig, s: ModelStats) -> str:
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    rows = [
+        ("parameters", s.total, "main model"),
+        ("activated", s.activated, "per token"),
+        ("MTP", s.mtp, "own parameters"),
+        ("MTP on disk", s.mtp_on_disk, "+ copies of embedding and head"),
+        ("checkpoint", s.total_with_mtp_on_disk, "main + MTP on disk"),
+    ]
     lines = [
         f"model            {name} ({cfg.model_type}, {cfg.num_hidden_layers} layers: "
         f"{cfg.num_hidden_layers - moe_layers} dense + {moe_layers} MoE, +{cfg.num_nextn_predict_layers} MTP)",
         f"routing          {cfg.n_routed_experts or 0} routed + {cfg.n_shared_experts or 0} shared experts, "
         f"top-{cfg.num_experts_per_tok or 0}, {cfg.scoring_func}/{cfg.topk_method}, "
         f"groups {cfg.n_group}/{cfg.topk_group}",
-        f"parameters       {human(s.total):>9}  total (main model)   {s.total:,}",
-        f"activated        {human(s.activated):>9}  per token            {s.activated:,}",
-        f"MTP              {human(s.mtp):>9}  own                  {s.mtp:,}",
-        f"MTP on disk      {human(s.mtp_on_disk):>9}  with embed/head copies {s.mtp_on_disk:,}",
-        f"checkpoint total {human(s.total_with_mtp_on_disk):>9}  main + MTP on disk",
-        f"KV cache / token {human(s.kv_naive_bytes, 'B'):>9}  naive per-head K,V (bf16)",
-        f"                 {human(s.kv_latent_bytes, 'B'):>9}  MLA latent c_kv + k_pe (bf16), "
+        *(f"{label:<16} {human(n):>9}  {n:>17,}  {note}" for label, n, note in rows),
+        f"KV cache/token   {human(s.kv_naive_bytes, 'B'):>9}  naive: per-head K and V (bf16)",
+        f"                 {human(s.kv_latent_bytes, 'B'):>9}  MLA latent: c_kv + k_pe (bf16), "
         f"{s.kv_naive_bytes / s.kv_latent_bytes:.1f}x smaller",
     ]
     return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Checkpoint I/O: sharding, MTP keys, and clear errors for bad checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import deepmoe
+from deepmoe.checkpoint import CheckpointError
+from deepmoe.cli import main as cli
+
+from .conftest import rel_err, v3_config, write_fp8_twin
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = deepmoe.build_model(v3_config(), seed=4)
+    deepmoe.save_pretrained(model, tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def test_sharded_save_has_index_and_mtp_keys(tmp_path):
+    model = deepmoe.build_model(v3_config(), seed=4)
+    deepmoe.save_pretrained(model, tmp_path, max_shard_size=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 3 and all((tmp_path / f).is_file() for f in files)
+    L = model.config.num_hidden_layers
+    for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.15.down_proj.weight",
+                "self_attn.kv_b_proj.weight"):
+        assert f"model.layers.{L}.{key}" in index["weight_map"]
+    back = deepmoe.load_pretrained(tmp_path, dtype=torch.float32)
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+        h = back.hidden_states(x)
+        assert all(torch.equal(a, b) for a, b in zip(back.mtp_logits(h, x), model.mtp_logits(model.hidden_states(x), x)))
+    # a re-save unsharded removes the stale shards and index
+    deepmoe.save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def _rewrite(path, edit):
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def test_missing_key_is_named(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing weights for model\.layers\.1\.mlp\.experts\.up_proj"):
+        deepmoe.load_pretrained(path)
+
+
+def test_unexpected_key_is_named(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.__setitem__("model.layers.0.self_attn.rotary.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected key model\.layers\.0\.self_attn\.rotary"):
+        deepmoe.load_pretrained(path)
+
+
+def test_wrong_shape_is_named(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.__setitem__("model.layers.2.self_attn.o_proj.weight", torch.zeros(64, 32)))
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight has shape \[64, 32\], config expects \[64, 64\]"):
+        deepmoe.load_pretrained(path)
+
+
+def test_truncated_file(saved):
+    _, path = saved
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        deepmoe.load_pretrained(path)
+
+
+def test_unsupported_architecture_and_missing_files(saved, tmp_path):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="unsupported architecture"):
+        deepmoe.load_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        deepmoe.load_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        deepmoe.load_pretrained(tmp_path / "empty")
+
+
+def test_index_pointing_at_missing_shard(tmp_path):
+    model = deepmoe.build_model(v3_config(), seed=4)
+    deepmoe.save_pretrained(model, tmp_path, max_shard_size=200_000)
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"lists {victim.name}, which does not exist"):
+        deepmoe.load_pretrained(tmp_path)
+
+
+def test_expert_keys_are_stacked_in_memory(saved):
+    model, path = saved
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("model.layers.2.mlp.experts.7.gate_proj.weight")
+    torch.testing.assert_close(model.model.layers[2].mlp.experts.gate_proj[7], w)
+    assert model.model.layers[2].mlp.experts.gate_proj.shape == (16, 32, 64)
+
+
+def test_bf16_load_keeps_routing_bias_fp32(saved):
+    _, path = saved
+    m = deepmoe.load_pretrained(path, dtype=torch.bfloat16)
+    gate = m.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.bfloat16 and gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_convert_fp8_to_bf16_and_reshard(tmp_path, capsys):
+    cfg = v3_config(num_nextn_predict_layers=0)
+    deepmoe.save_pretrained(deepmoe.build_model(cfg, seed=1), tmp_path / "src")
+    write_fp8_twin(tmp_path / "src", tmp_path / "fp8", tmp_path / "twin", block=(128, 128))
+    assert cli(["convert", str(tmp_path / "fp8"), str(tmp_path / "out"), "--max-shard-size", "100KB"]) == 0
+    assert "dequantized from fp8" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    a = deepmoe.load_pretrained(out, dtype=torch.float32).state_dict()
+    b = deepmoe.load_pretrained(tmp_path / "twin", dtype=torch.float32).state_dict()
+    # converted = bf16(dequantized fp8), tensor for tensor; the routing bias stays fp32
+    for k in b:
+        want = b[k] if k.endswith("e_score_correction_bias") else b[k].bfloat16().float()
+        assert torch.equal(a[k], want), k
+
+
+def test_load_streams_without_a_second_copy(tmp_path):
+    """Peak memory while loading stays near one model, not model + state dict."""
+    cfg = v3_config(vocab_size=32000, hidden_size=256, num_hidden_layers=4, n_routed_experts=64,
+                    moe_intermediate_size=256, num_nextn_predict_layers=0)
+    model = deepmoe.build_model(cfg)
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    deepmoe.save_pretrained(model, tmp_path)
+    del model
+    # Anonymous memory only: mmapped safetensors pages are reclaimable page cache, not a second copy.
+    script = (
+        "import re, threading, time, torch, deepmoe\n"
+        "def anon(): return int(re.search(r'RssAnon:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "base, peak, done = anon(), [0], []\n"
+        "def watch():\n"
+        "    while not done:\n"
+        "        peak[0] = max(peak[0], anon()); time.sleep(0.0005)\n"
+        "t = threading.Thread(target=watch); t.start()\n"
+        f"m = deepmoe.load_pretrained({str(tmp_path)!r}, dtype=torch.float32)\n"
+        "done.append(1); t.join(); peak[0] = max(peak[0], anon())\n"
+        "print(peak[0] - base)\n"
+    )
+    peak = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()[-1])
+    assert nbytes > 150e6
+    assert peak > 0.9 * nbytes  # the measurement sees the model itself
+    assert peak < 1.5 * nbytes, f"peak {peak / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB model"
+
+
+def test_cli_info_prints_counts(capsys):
+    assert cli(["info", "--preset", "deepseek-v3"]) == 0
+    out = capsys.readouterr().out
+    assert "671.03B" in out and "37.55B" in out and "71.1x smaller" in out
+    assert cli(["info", "--preset", "missing"]) == 2
+    assert "available" in capsys.readouterr().err

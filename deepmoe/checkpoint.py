@@ -148,20 +148,18 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
         dtype = torch.float32 if block is None and declared == "float32" else torch.bfloat16
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     has_mtp = any((m := _LAYER.match(k)) and int(m.group(1)) >= L for k in key_files)
-    if D and (not has_mtp or not load_mtp):
+    skip_mtp = D and (not has_mtp or not load_mtp)
+    if skip_mtp:
         if not has_mtp:  # transformers drops MTP weights when it saves; the config still declares them
             log.warning("%s: config declares %d MTP layer(s) but the checkpoint holds no MTP weights; "
                         "loading without MTP", path, D)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-        L_end = L
-    else:
-        L_end = L + D
 
     with torch.device("meta"):
         model = DeepSeekModel(cfg)
     model = model.to(dtype)
     targets = model.state_dict(keep_vars=True)
-    plan = _validate(path, key_files, cfg, targets, block, L_end)
+    plan = _validate(path, key_files, cfg, targets, block, L + D if skip_mtp else None)
     model = model.to_empty(device=device)
     model.reset_buffers()
     targets = model.state_dict(keep_vars=True)
@@ -184,8 +182,11 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
 
 
 def _validate(path: Path, key_files: dict[str, Path], cfg: ModelConfig, targets: dict[str, torch.Tensor],
-              block, L_end: int) -> dict[Path, dict[str, tuple[str, int | None]]]:
-    """Check every key and shape from the headers alone; return file → {key: (model key, expert)}."""
+              block, skip_below: int | None) -> dict[Path, dict[str, tuple[str, int | None]]]:
+    """Check every key and shape from the headers alone; return file → {key: (model key, expert)}.
+
+    `skip_below`: MTP layers (index ≥ num_hidden_layers and below this) are present but not loaded."""
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     plan: dict[Path, dict[str, tuple[str, int | None]]] = {}
     needed = {n: (set(range(t.shape[0])) if _is_stacked(n) else None) for n, t in targets.items()}
     headers: dict[Path, object] = {}
@@ -195,11 +196,10 @@ def _validate(path: Path, key_files: dict[str, Path], cfg: ModelConfig, targets:
                 raise CheckpointError(f"{file.name}: {key} has no matching weight")
             continue
         m = _LAYER.match(key)
-        if m and int(m.group(1)) >= L_end:
-            if L_end == cfg.num_hidden_layers:
+        if m and int(m.group(1)) >= L + D:
+            if skip_below is not None and int(m.group(1)) < skip_below:
                 continue  # MTP weights we chose not to load
-            raise CheckpointError(f"{file.name}: unexpected key {key} (config has {cfg.num_hidden_layers} layers "
-                                  f"+ {cfg.num_nextn_predict_layers} MTP)")
+            raise CheckpointError(f"{file.name}: unexpected key {key} (config has {L} layers + {D} MTP)")
         name, expert, shared = hf_to_internal(key, cfg)
         if name not in targets:
             raise CheckpointError(f"{file.name}: unexpected key {key} for this config")
@@ -293,6 +293,7 @@ def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_siz
         index.unlink()
     cfg = model.config.to_hf_dict()
     cfg.pop("quantization_config", None)  # we always write dequantized weights
+    cfg.pop("dtype", None)  # transformers v5's spelling; one declared dtype only
     cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
     atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
 

@@ -172,3 +172,15 @@ def test_cli_info_prints_counts(capsys):
     assert "671.03B" in out and "37.55B" in out and "71.1x smaller" in out
     assert cli(["info", "--preset", "missing"]) == 2
     assert "available" in capsys.readouterr().err
+
+
+def test_layers_beyond_config_are_unexpected_unless_mtp_is_skipped(saved, caplog):
+    model, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match=r"unexpected key model\.layers\.3\..*3 layers \+ 0 MTP"):
+        deepmoe.load_pretrained(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    m = deepmoe.load_pretrained(path, dtype=torch.float32, load_mtp=False)
+    assert len(m.mtp) == 0
+    assert torch.equal(m.lm_head.weight, model.lm_head.weight)

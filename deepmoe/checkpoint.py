@@ -81,7 +81,18 @@ def internal_to_hf(model: DeepSeekModel) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def _key_files(path: Path) -> dict[str, Path]:
+class SafetensorsFiles(dict):
+    """Open safetensors handles by path, each file opened (and its header parsed) once."""
+
+    def __missing__(self, file: Path):
+        handle = self[file] = _open(file)
+        return handle
+
+    def read(self, key_files: dict[str, Path], key: str) -> torch.Tensor:
+        return self[key_files[key]].get_tensor(key)
+
+
+def _key_files(path: Path, files: SafetensorsFiles) -> dict[str, Path]:
     index = path / INDEX_NAME
     if index.is_file():
         try:
@@ -98,7 +109,7 @@ def _key_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors files (and no {INDEX_NAME}) in {path}")
     out: dict[str, Path] = {}
     for f in shards:
-        for k in _open(f).keys():
+        for k in files[f].keys():
             out[k] = f
     return out
 
@@ -141,7 +152,8 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     """Load a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM directory (single or sharded, bf16 or FP8)."""
     path = Path(path)
     cfg = _read_config(path)
-    key_files = _key_files(path)
+    files = SafetensorsFiles()
+    key_files = _key_files(path, files)
     block = _fp8_block(cfg)
     if dtype is None:
         declared = cfg.extra.get("torch_dtype") or cfg.extra.get("dtype")
@@ -159,29 +171,24 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
         model = DeepSeekModel(cfg)
     model = model.to(dtype)
     targets = model.state_dict(keep_vars=True)
-    plan = _validate(path, key_files, cfg, targets, block, L + D if skip_mtp else None)
+    plan = _validate(path, key_files, files, cfg, targets, block, L + D if skip_mtp else None)
     model = model.to_empty(device=device)
     model.reset_buffers()
     targets = model.state_dict(keep_vars=True)
-    handles: dict[Path, object] = {}
-
-    def handle(file: Path):
-        return handles.get(file) or handles.setdefault(file, _open(file))
-
     with torch.no_grad():
         for file, keys in plan.items():
             for key, (name, expert) in keys.items():
-                t = handle(file).get_tensor(key).to(device)
+                t = files[file].get_tensor(key).to(device)
                 if t.dtype == torch.float8_e4m3fn:
-                    scale_key = key + "_scale_inv"
-                    scale = handle(key_files[scale_key]).get_tensor(scale_key).to(device)
+                    scale = files.read(key_files, key + "_scale_inv").to(device)
                     t = dequantize_fp8_block(t, scale, block, torch.float32)
                 dst = targets[name] if expert is None else targets[name][expert]
                 dst.copy_(t.to(dst.dtype))
     return model
 
 
-def _validate(path: Path, key_files: dict[str, Path], cfg: ModelConfig, targets: dict[str, torch.Tensor],
+def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, cfg: ModelConfig,
+              targets: dict[str, torch.Tensor],
               block, skip_below: int | None) -> dict[Path, dict[str, tuple[str, int | None]]]:
     """Check every key and shape from the headers alone; return file → {key: (model key, expert)}.
 
@@ -189,7 +196,6 @@ def _validate(path: Path, key_files: dict[str, Path], cfg: ModelConfig, targets:
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     plan: dict[Path, dict[str, tuple[str, int | None]]] = {}
     needed = {n: (set(range(t.shape[0])) if _is_stacked(n) else None) for n, t in targets.items()}
-    headers: dict[Path, object] = {}
     for key, file in key_files.items():
         if key.endswith("_scale_inv"):
             if key.removesuffix("_scale_inv") not in key_files:
@@ -203,8 +209,7 @@ def _validate(path: Path, key_files: dict[str, Path], cfg: ModelConfig, targets:
         name, expert, shared = hf_to_internal(key, cfg)
         if name not in targets:
             raise CheckpointError(f"{file.name}: unexpected key {key} for this config")
-        header = headers.get(file) or headers.setdefault(file, _open(file))
-        sl = header.get_slice(key)
+        sl = files[file].get_slice(key)
         shape = tuple(sl.get_shape())
         want = targets[name].shape if expert is None else targets[name].shape[1:]
         if expert is not None and not 0 <= expert < targets[name].shape[0]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (INDEX_NAME, CheckpointError, _atomic_save_file, _fp8_block, _key_files, _open,
+from .checkpoint import (INDEX_NAME, CheckpointError, SafetensorsFiles, _atomic_save_file, _fp8_block, _key_files,
                          _read_config, atomic_write_text)
 from .fp8 import dequantize_fp8_block
 
@@ -40,19 +40,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
     cfg = _read_config(src)  # validates the config before anything is written
     if dst.resolve() == src.resolve():
         raise CheckpointError("convert writes a new directory; choose a destination other than the source")
-    key_files = _key_files(src)
+    files = SafetensorsFiles()
+    key_files = _key_files(src, files)
     block = _fp8_block(cfg)
     dst.mkdir(parents=True, exist_ok=True)
     keys = sorted(k for k in key_files if not k.endswith("_scale_inv"))
     weight_map, current, size, total, dequantized = {}, {}, 0, 0, 0
     tmp_names = []
-    handles = {}
-
-    def read(k: str) -> torch.Tensor:
-        f = key_files[k]
-        if f not in handles:
-            handles[f] = _open(f)
-        return handles[f].get_tensor(k)
 
     def flush():
         nonlocal current, size
@@ -63,12 +57,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
             current, size = {}, 0
 
     for key in keys:
-        t = read(key)
+        t = files.read(key_files, key)
         if t.dtype == torch.float8_e4m3fn:
             scale_key = key + "_scale_inv"
             if block is None or scale_key not in key_files:
                 raise CheckpointError(f"{key_files[key].name}: {key} is fp8 but has no {scale_key}")
-            t = dequantize_fp8_block(t, read(scale_key), block, dtype)
+            t = dequantize_fp8_block(t, files.read(key_files, scale_key), block, dtype)
             dequantized += 1
         elif t.is_floating_point() and not key.endswith("e_score_correction_bias"):
             t = t.to(dtype)

@@ -14,7 +14,7 @@ import deepmoe
 from deepmoe.checkpoint import CheckpointError
 from deepmoe.cli import main as cli
 
-from .conftest import rel_err, v3_config, write_fp8_twin
+from .conftest import v3_config, write_fp8_twin
 
 
 @pytest.fixture

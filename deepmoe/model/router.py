@@ -50,7 +50,6 @@ class Gate(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k = cfg.num_experts_per_tok
         self.kwargs = dict(top_k=cfg.num_experts_per_tok, scoring_func=cfg.scoring_func,
                            topk_method=cfg.topk_method, n_group=cfg.n_group or 1, topk_group=cfg.topk_group or 1,
                            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)

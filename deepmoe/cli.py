@@ -60,6 +60,136 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---- train / eval ---------------------------------------------------------------------------------
+# help text per TrainConfig field; flags are --field-name, types come from the dataclass
+TRAIN_HELP = {
+    "preset": "model preset (default: tiny on CPU, ref-813M on CUDA)",
+    "model_config": "a model config.json instead of a preset (flag: --config)",
+    "data": "corpus: text file, folder, .jsonl or .parquet (default: this Python's standard library)",
+    "text_field": "JSONL/Parquet field holding the text",
+    "tokenizer": "tokenizer directory to use instead of training BPE on the corpus",
+    "val_fraction": "fraction of documents held out for validation",
+    "out": "run directory (default: runs/<preset>)",
+    "cache_dir": "tokenizer/token cache (default: $DEEPMOE_CACHE or ~/.cache/deepmoe)",
+    "seq_len": "tokens per sequence", "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps",
+    "lr": "peak learning rate", "min_lr_ratio": "cosine floor as a fraction of --lr",
+    "warmup_steps": "linear warmup steps", "schedule": "multistep (DeepSeek), cosine or constant",
+    "decay_at": "multistep: comma-separated fractions of the run where the rate drops",
+    "decay_factor": "multistep: factor applied at each drop",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon", "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clip (0: off)",
+    "mtp_weight": "lambda: weight of the multi-token-prediction loss",
+    "bias_update_rate": "gamma: aux-loss-free balancing bias step (0: off)",
+    "aux_loss_alpha": "alpha: sequence-wise balance loss weight (default: the model config's)",
+    "capacity_factor": "cap experts at this multiple of the mean load, dropping the rest (default: dropless)",
+    "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "activation_checkpointing": "recompute each block in backward to save memory",
+    "compile": "torch.compile each decoder block", "seed": "seed of initialisation, split and data order",
+    "max_bad_steps": "consecutive non-finite steps before the run stops",
+    "eval_every": "steps between validation passes", "eval_batches": "batches per periodic validation",
+    "checkpoint_every": "steps between checkpoints", "keep_checkpoints": "checkpoints kept on disk",
+    "plots": "write PNG plots into the run directory", "progress": "show the progress bar",
+    "sample_tokens": "tokens of the greedy sample written at the end",
+}
+# what may differ from the saved config when resuming: none of it changes the computed losses
+RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
+                    "sample_tokens", "device", "eval_batches", "max_bad_steps", "out", "cache_dir"}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+    import typing
+
+    from .train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in TRAIN_HELP:
+            continue
+        flag = "--config" if f.name == "model_config" else "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "decay_at":
+            p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), **kw)
+        else:
+            base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
+            p.add_argument(flag, type=base, **kw)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .train.config import TrainConfig, resolve
+    from .train.loop import train
+    from .train.state import TRAIN_CONFIG
+
+    given = {k: v for k, v in vars(args).items() if k in TRAIN_HELP}
+    cfg, model_cfg = resolve(TrainConfig(**given), torch.cuda.is_available())
+    if args.resume:
+        saved_path = Path(cfg.out) / TRAIN_CONFIG
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {str(saved_path)!r} does not exist")
+        saved = TrainConfig.from_json(saved_path)
+        changed = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDES and getattr(saved, k) != v)
+        if changed:
+            raise ValueError(f"--resume continues the saved run; these flags would change it: "
+                             f"{', '.join('--' + k.replace('_', '-') for k in changed)} (remove them)")
+        keep = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+        cfg, model_cfg = resolve(dataclasses.replace(saved, **keep), torch.cuda.is_available())
+    summary = train(cfg, model_cfg, resume=args.resume)
+    print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s "
+          f"({summary['tokens_per_s']:,} tok/s), {summary['skipped_steps']} skipped")
+    if summary["val_loss"] is not None:
+        print(f"val       loss {summary['val_loss']:.4f}  ppl {summary['val_ppl']:.2f}  "
+              f"bits/byte {summary['val_bpb']:.4f}")
+    print(f"model     {summary['final']}")
+    if summary["plots"]:
+        print(f"plots     {', '.join(str(Path(cfg.out) / p) for p in summary['plots'])}")
+    if summary["sample"]:
+        print("sample    greedy, prompt 'def ':\n" + summary["sample"])
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .checkpoint import load_pretrained
+    from .data import PackedDataset, read_documents, split_documents
+    from .tokenizer import load_tokenizer
+    from .train.config import TrainConfig
+    from .train.data import text_bytes, token_stream
+    from .train.evaluate import evaluate
+    from .train.state import TRAIN_CONFIG
+
+    model_dir = Path(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(model_dir, device=device, dtype=args.dtype, load_mtp=False)
+    tok = load_tokenizer(model_dir)
+    saved = TrainConfig.from_json(model_dir / TRAIN_CONFIG) if (model_dir / TRAIN_CONFIG).is_file() else None
+    if args.data:
+        docs, what = read_documents(args.data, args.text_field), args.data
+    else:  # the held-out split of the data the model was trained on
+        data = saved.data if saved else None
+        docs = split_documents(read_documents(data, saved.text_field if saved else "text"),
+                               saved.val_fraction if saved else 0.05, saved.seed if saved else 0)[1]
+        what = f"held-out split of {data or 'python stdlib'}"
+    seq_len = args.seq_len or (saved.seq_len if saved and saved.seq_len else 256)
+    cache = args.cache_dir or (saved.cache_dir if saved else None) or str(Path.home() / ".cache" / "deepmoe")
+    tokens = token_stream(docs, tok, str(Path(cache) / "tokens"), "eval")
+    r = evaluate(model, PackedDataset(tokens, seq_len), args.batch_size, args.max_batches,
+                 text_bytes(docs) / len(tokens))
+    print(f"eval      {what}: {len(docs)} documents, {r['tokens']:,} tokens (seq_len {seq_len})")
+    print(f"          loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepmoe", description="DeepSeek-V2/V3 MoE models in compact PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,14 +219,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", type=_dtype, default="fp32")
     gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train", help="pretrain a model (default: tiny preset on the Python stdlib)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_train_flags(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a model directory")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", help="evaluate on these documents (default: the held-out split it trained on)")
+    ev.add_argument("--text-field", default="text")
+    ev.add_argument("--seq-len", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, default=None)
+    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--dtype", type=_dtype, default="fp32")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from .train.loop import TrainingError
+
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError and CheckpointError are ValueErrors
+    except (FileNotFoundError, ValueError, TrainingError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"deepmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

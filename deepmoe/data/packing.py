@@ -10,6 +10,7 @@ under keys that change with the corpus and the tokenizer, so the stdlib is train
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from ..tokenizer import Tokenizer, train_bpe
+
+log = logging.getLogger(__name__)
 
 _ENCODE_CHUNK = 256  # documents per encode_batch call: enough to keep the Rust threads busy, bounded memory
 
@@ -56,6 +59,8 @@ def load_or_train_tokenizer(cache_dir: str | os.PathLike, train_texts: Callable[
     target = cache_dir / f"tokenizer-v{vocab_size}-{corpus_fingerprint[:16]}"
     if not target.is_dir():
         cache_dir.mkdir(parents=True, exist_ok=True)
+        log.info("training a byte-level BPE tokenizer (vocab %d) on the training split; cached in %s",
+                 vocab_size, target)
         tokenizer = train_bpe(train_texts(), vocab_size)
         # build the whole directory beside the target and rename it in one step: a crash mid-save leaves
         # only a temp dir, never a half-written tokenizer that later runs would load

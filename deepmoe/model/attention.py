@@ -82,10 +82,15 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1)
-        # SDPA wants (B, H, T, D); its math/efficient kernels accept v_dim != qk_dim.
+        qk_dim = self.nope + self.rope
+        if q.device.type == "cpu" and self.v_dim < qk_dim:
+            # CPU SDPA's flash kernel needs v_dim == qk_dim, else it falls back to the math kernel, which
+            # materialises (B, H, T, T) and ignores causality: zero-padding v and slicing is ~2x faster
+            v = F.pad(v, (0, qk_dim - self.v_dim))
+        # SDPA wants (B, H, T, D)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=self.scale)
-        return out.transpose(1, 2)  # (B, T, H, v)
+        return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, v)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
         B, T, H, _ = q_nope.shape

@@ -21,7 +21,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
-                start_pos: int = 0, absorb: bool = False, router_out: list[Routing] | None = None) -> torch.Tensor:
+                start_pos: int = 0, absorb: bool = False, router_out: list[Routing] | None = None,
+                capacity_factor: float | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_out) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, router_out, capacity_factor) if isinstance(self.mlp, MoE) else self.mlp(h))

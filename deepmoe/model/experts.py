@@ -53,6 +53,19 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor)
     return torch.cat(out)
 
 
+def drop_over_capacity(flat: torch.Tensor, weights: torch.Tensor, capacity: int, n_experts: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-copy order grouped by expert, keeping at most `capacity` copies per expert (highest routing
+    weight first, ties by position), and the kept counts (E,). flat/weights: (M,) expert id and weight of
+    each copy. Dropping by affinity rather than position follows DeepSeek-V2's token-dropping strategy."""
+    by_weight = weights.argsort(descending=True, stable=True)
+    order = by_weight[flat[by_weight].argsort(stable=True)]  # by expert, then by weight descending
+    counts = torch.bincount(flat, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # place within its expert
+    return order[rank < capacity], counts.clamp(max=capacity)
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -62,17 +75,29 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N, d), indices/weights (N, k) → Σ_j weights[:, j] · expert_{indices[:, j]}(x), shape (N, d)."""
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                capacity: int | None = None) -> torch.Tensor:
+        """x (N, d), indices/weights (N, k) → Σ_j weights[:, j] · expert_{indices[:, j]}(x), shape (N, d).
+        With `capacity`, each expert keeps at most that many token copies, its highest-weight ones; the
+        dropped copies contribute nothing (the token still has its residual and shared experts)."""
         N, k = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # token copies grouped by expert
+        flat, w = indices.reshape(-1), weights.reshape(-1)
+        if capacity is None:
+            order = flat.argsort(stable=True)  # token copies grouped by expert
+            counts = torch.bincount(flat, minlength=self.n_experts)
+        else:
+            order, counts = drop_over_capacity(flat, w, capacity, self.n_experts)
         token = order // k
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        xs = x[token]  # (N·k, d)
-        h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
-        ys = grouped_mm(h, self.down_proj, counts)  # (N·k, d)
+        gate_w, up_w, down_w = self.gate_proj, self.up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm: cast as it would
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, gate_w, up_w, down_w = x.to(dt), gate_w.to(dt), up_w.to(dt), down_w.to(dt)
+        # index_select, not x[token]: its backward is a deterministic index_add, where indexing's backward
+        # (index_put with accumulate) adds in a thread-dependent order on CPU and breaks bit-exact resume
+        xs = x.index_select(0, token)  # (M, d), M = N·k copies (fewer after dropping)
+        h = F.silu(grouped_mm(xs, gate_w, counts)) * grouped_mm(xs, up_w, counts)
+        ys = grouped_mm(h, down_w, counts)  # (M, d)
         # combine in fp32: the routing weights are fp32 and k partial sums lose bits in bf16
-        ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
+        ys = ys.float() * w[order].unsqueeze(-1)
         out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token, ys).to(x.dtype)

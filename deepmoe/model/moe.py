@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,13 +33,20 @@ class MoE(nn.Module):
         # n_shared experts of width moe_inter are mathematically one SwiGLU of width n_shared·moe_inter
         self.shared_experts = MLP(cfg.hidden_size, n_shared * cfg.moe_intermediate_size) if n_shared else None
 
-    def forward(self, x: torch.Tensor, router_out: list[Routing] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_out: list[Routing] | None = None,
+                capacity_factor: float | None = None) -> torch.Tensor:
+        """x (B, T, d). router_out collects this layer's Routing (for balancing). capacity_factor c caps
+        every expert at ceil(c · N·k / E) token copies of this call's N tokens (None: dropless)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.gate(flat)
         if router_out is not None:
             router_out.append(routing)
-        y = self.experts(flat, routing.indices, routing.weights).view(shape)
+        capacity = None
+        if capacity_factor is not None:
+            N, k = routing.indices.shape
+            capacity = math.ceil(capacity_factor * N * k / self.experts.n_experts)
+        y = self.experts(flat, routing.indices, routing.weights, capacity).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

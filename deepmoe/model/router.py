@@ -60,7 +60,9 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())  # (N, E): routing decisions need fp32
+        # (N, E) in fp32: routing decisions must not see bf16 rounding, also under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         return route(logits, bias=self.e_score_correction_bias, **self.kwargs)
 
     def _apply(self, fn, recurse=True):

@@ -47,12 +47,14 @@ class DeepSeekModel(nn.Module):
         return rope_cos_sin(self.inv_freq.float(), positions, self.rope_attention_factor)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
-                      absorb: bool = False, router_out: list[Routing] | None = None) -> torch.Tensor:
-        """input_ids (B, T) → final normed hidden states (B, T, d), the input of lm_head."""
+                      absorb: bool = False, router_out: list[Routing] | None = None,
+                      capacity_factor: float | None = None) -> torch.Tensor:
+        """input_ids (B, T) → final normed hidden states (B, T, d), the input of lm_head.
+        router_out, if given, receives every MoE layer's Routing in order; capacity_factor: see MoE."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(input_ids.shape[1], start_pos, x.device)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start_pos, absorb, router_out)
+            x = layer(x, cos, sin, cache, start_pos, absorb, router_out, capacity_factor)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
@@ -61,7 +63,8 @@ class DeepSeekModel(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, cache, start_pos, absorb))
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
-                   router_out: list[Routing] | None = None) -> list[torch.Tensor]:
+                   router_out: list[Routing] | None = None, capacity_factor: float | None = None
+                   ) -> list[torch.Tensor]:
         """Training-time MTP: depth k's logits (B, T-k, vocab) at position i predict token i+k+1."""
         out, h = [], hidden
         T = input_ids.shape[1]
@@ -70,7 +73,8 @@ class DeepSeekModel(nn.Module):
                 break
             h = h[:, : T - k]
             cos, sin = self.rope(T - k, 0, h.device)
-            h = module(h, self.model.embed_tokens(input_ids[:, k:]), cos, sin, router_out=router_out)
+            h = module(h, self.model.embed_tokens(input_ids[:, k:]), cos, sin, router_out=router_out,
+                       capacity_factor=capacity_factor)
             out.append(self.lm_head(module.shared_head.norm(h)))
         return out
 

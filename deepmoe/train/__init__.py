@@ -1,0 +1,1 @@
+"""Pretraining: the recipe, the loop, checkpoints and metrics."""

@@ -1,0 +1,38 @@
+"""Held-out evaluation: mean next-token loss, perplexity and bits per byte over fixed sequences."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..data import PackedDataset
+from ..model import DeepSeekModel
+from .losses import cross_entropy
+
+
+@torch.no_grad()
+def evaluate(model: DeepSeekModel, dataset: PackedDataset, batch_size: int, max_batches: int | None = None,
+             bytes_per_token: float | None = None, autocast: contextlib.AbstractContextManager | None = None
+             ) -> dict[str, float]:
+    """The first max_batches · batch_size sequences of `dataset` in order (all of them when None), so every
+    evaluation of a run sees the same tokens. bits/byte = loss / ln 2 / bytes_per_token."""
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
+    total, tokens = 0.0, 0
+    for start in range(0, n, batch_size):
+        x, y = dataset.batch(range(start, min(start + batch_size, n)))
+        x, y = x.to(device), y.to(device)
+        with autocast or contextlib.nullcontext():
+            loss = cross_entropy(model(x), y)
+        total += float(loss) * y.numel()
+        tokens += y.numel()
+    model.train(was_training)
+    loss = total / tokens
+    out = {"loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": tokens}
+    if bytes_per_token:
+        out["bpb"] = loss / math.log(2) / bytes_per_token
+    return out

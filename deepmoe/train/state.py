@@ -1,0 +1,132 @@
+"""Training checkpoints: a complete Hugging Face model directory plus everything needed to resume.
+
+    RUN/checkpoints/step-0000500/
+        config.json, model.safetensors, tokenizer.json, ...   the model, loadable by deepmoe and transformers
+        train_config.json                                     the run's resolved TrainConfig
+        trainer_state/optimizer.safetensors                   AdamW moments and step per parameter, RNG state
+        trainer_state/state.json                              step, tokens, counters, data-sampler position
+A checkpoint is built in a hidden temp directory and renamed into place in one step, so a crash at any
+moment leaves every existing checkpoint intact and never a half-written one under a step-* name. No pickle:
+tensors are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import atomic_write_text, save_pretrained
+from ..model import DeepSeekModel
+from ..tokenizer import Tokenizer
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+TRAIN_CONFIG = "train_config.json"
+# in a subdirectory, so the checkpoint's top level stays a plain model directory (every *.safetensors
+# there is read as model weights)
+STATE_JSON = "trainer_state/state.json"
+STATE_TENSORS = "trainer_state/optimizer.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def write_model_dir(path: Path, model: DeepSeekModel, tokenizer: Tokenizer, cfg: TrainConfig) -> None:
+    """What `deepmoe.load_pretrained`, `deepmoe generate` and serving read: weights in fp32 (the master
+    copy, so a resume is exact), config, tokenizer, and the training config for `deepmoe eval`."""
+    save_pretrained(model, path)
+    tokenizer.save(path)
+    atomic_write_text(path / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory onto `final`, replacing an older one without a moment where
+    neither exists under a name a reader trusts."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
+                    cfg: TrainConfig, state: dict[str, Any]) -> Path:
+    """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        write_model_dir(tmp, model, tokenizer, cfg)
+        (tmp / STATE_JSON).parent.mkdir()
+        save_file(_optimizer_tensors(model, optimizer) | _rng_tensors(), str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2))
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp directories of interrupted saves are ignored)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_JSON).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def load_trainer_state(ckpt: Path, model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimizer moments and RNG from `ckpt` (the model weights are loaded by load_pretrained)
+    and return the JSON state."""
+    try:
+        state = json.loads((ckpt / STATE_JSON).read_text())
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(ckpt)!r} is unreadable ({e}); resume from an earlier one by "
+                         "deleting this directory") from e
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    opt_state = {}
+    for name, p in model.named_parameters():
+        if id(p) not in index or f"optim.{name}.step" not in tensors:
+            continue  # a parameter that never got a gradient has no optimizer state yet
+        opt_state[index[id(p)]] = {k: tensors[f"optim.{name}.{k}"] for k in _OPTIM_KEYS}
+    sd = optimizer.state_dict()
+    sd["state"] = opt_state
+    optimizer.load_state_dict(sd)  # moves moments to the parameters' device, step where AdamW wants it
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+    return state
+
+
+def _optimizer_tensors(model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p)
+        if st:
+            for k in _OPTIM_KEYS:
+                out[f"optim.{name}.{k}"] = st[k].detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return out

@@ -149,9 +149,9 @@ def resolve(cfg: TrainConfig, cuda_available: bool) -> tuple[TrainConfig, ModelC
         preset = cfg.preset or ("ref-813M" if on_gpu else "tiny")
         model_cfg = ModelConfig.from_preset(preset)
     small = model_cfg.hidden_size <= 512
-    # the CPU default: 800 steps of 8 × 256 tokens (1.6M tokens, ~0.6 epoch of the stdlib) fit 15 minutes
+    # the CPU default: 600 steps of 8 × 256 tokens (1.2M tokens, ~0.45 epoch of the stdlib) fit 15 minutes
     # on two cores, MTP included
-    defaults = dict(seq_len=256 if small else 1024, batch_size=8, steps=800 if small else 5000,
+    defaults = dict(seq_len=256 if small else 1024, batch_size=8, steps=600 if small else 5000,
                     lr=3e-3 if small else 1e-3)
     r = dataclasses.replace(cfg, preset=preset, device=device)
     for name, value in defaults.items():

@@ -18,6 +18,8 @@ from ..config import ModelConfig
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # the op's meta (tracing) kernel accepts only bf16, though CPU eager runs fp32 too
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":

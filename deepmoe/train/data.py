@@ -10,9 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import (Document, PackedDataset, cached_token_stream, corpus_fingerprint, load_or_train_tokenizer,
-                    read_documents, split_documents, tokenize_documents, tokenizer_fingerprint)
+from ..data import (
+    Document,
+    PackedDataset,
+    cached_token_stream,
+    corpus_fingerprint,
+    load_or_train_tokenizer,
+    read_documents,
+    split_documents,
+    tokenize_documents,
+    tokenizer_fingerprint,
+)
 from ..tokenizer import Tokenizer
+
 
 @dataclass
 class TrainData:

@@ -26,7 +26,7 @@ from ..checkpoint import atomic_write_text, load_pretrained
 from ..config import ModelConfig
 from ..data import BatchSampler
 from ..generate import generate
-from ..model import DeepSeekModel, build_model
+from ..model import build_model
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
 from .config import TrainConfig
 from .data import TrainData, prepare_data
@@ -34,8 +34,7 @@ from .evaluate import evaluate
 from .losses import cross_entropy, mtp_loss, sequence_balance_loss
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
-from .state import (TRAIN_CONFIG, list_checkpoints, load_trainer_state, replace_dir, save_checkpoint,
-                    write_model_dir)
+from .state import TRAIN_CONFIG, list_checkpoints, load_trainer_state, replace_dir, save_checkpoint, write_model_dir
 from .transforms import apply_activation_checkpointing, apply_compile, autocast_context
 
 SAMPLE_PROMPT = "def "
@@ -43,6 +42,14 @@ SAMPLE_PROMPT = "def "
 
 class TrainingError(RuntimeError):
     pass
+
+
+def _item(t: torch.Tensor | None) -> float | None:
+    return None if t is None else float(t.detach())
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if values[0] is None else sum(values) / len(values)
 
 
 @dataclass
@@ -55,8 +62,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, echo=print):
-        self.cfg, self.model_cfg, self.echo = cfg, model_cfg, echo
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False):
+        self.cfg, self.model_cfg = cfg, model_cfg
         self.run_dir = Path(cfg.out)
         self.device = torch.device(cfg.device)
         checkpoints = list_checkpoints(self.run_dir)
@@ -118,8 +125,7 @@ class Trainer:
             loss = loss + aux
         counts = expert_counts(routings, self.model_cfg.n_routed_experts) if routings else None
         (loss * scale).backward()
-        value = lambda t: None if t is None else float(t.detach())  # noqa: E731
-        return StepResult(value(loss), value(ce), value(mtp), value(aux), counts)
+        return StepResult(_item(loss), _item(ce), _item(mtp), _item(aux), counts)
 
     def train_step(self) -> dict[str, Any]:
         cfg, step = self.cfg, self.state["step"]
@@ -132,8 +138,7 @@ class Trainer:
             results.append(self.forward_backward(x.to(self.device), y.to(self.device), 1.0 / cfg.grad_accum))
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
-        mean = lambda vals: None if vals[0] is None else sum(vals) / len(vals)  # noqa: E731
-        loss = mean([r.loss for r in results])
+        loss = _mean([r.loss for r in results])
         counts = None if results[0].counts is None else sum(r.counts for r in results)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
@@ -151,8 +156,8 @@ class Trainer:
         self.state["tokens"] += tokens
         self.state["elapsed_s"] += dt
         record = {"kind": "train", "step": self.state["step"], "tokens": self.state["tokens"], "loss": loss,
-                  "ce": mean([r.ce for r in results]), "mtp_loss": mean([r.mtp for r in results]),
-                  "aux_loss": mean([r.aux for r in results]), "lr": lr, "grad_norm": grad_norm,
+                  "ce": _mean([r.ce for r in results]), "mtp_loss": _mean([r.mtp for r in results]),
+                  "aux_loss": _mean([r.aux for r in results]), "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": tokens / dt, "elapsed_s": self.state["elapsed_s"], "skipped": skipped,
                   "moe_layers": [self._layer_index(m) for m in self.moe[:0 if counts is None else len(counts)]]}
         record.update(load_metrics(counts) if counts is not None else
@@ -213,7 +218,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, echo=p
     """Run (or continue) training to cfg.steps; return the summary also written to RUN/summary.json."""
     from tqdm.auto import tqdm  # imported here: the model package must not need it
 
-    trainer = Trainer(cfg, model_cfg, resume, echo)
+    trainer = Trainer(cfg, model_cfg, resume)
     run_dir, state = trainer.run_dir, trainer.state
     d = trainer.data
     echo(f"data      {cfg.data or 'python stdlib'}: {d.train_documents} train / {d.val_documents} val documents, "

@@ -94,14 +94,14 @@ def plot(results: dict[str, dict], dest: Path) -> None:
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
     for name, r in results.items():
-        steps, losses = zip(*r["val_curve"])
-        ax1.plot(steps, losses, marker="o", label=f"{name} ({r['val_loss']:.3f})")
+        steps, losses = zip(*r["val_curve"][:-1])  # periodic sample; the last point is the whole split
+        ax1.plot(steps, losses, marker="o", label=f"{name} (final, whole split: {r['val_loss']:.3f})")
         if "max_vio_curve" in r:
             s, v = zip(*r["max_vio_curve"])
             k = 20  # moving average: per-step MaxVio is noisy at 2k tokens per step
             smooth = [sum(v[max(0, i - k + 1): i + 1]) / len(v[max(0, i - k + 1): i + 1]) for i in range(len(v))]
             ax2.plot(s, smooth, label=name)
-    ax1.set(xlabel="step", ylabel="validation loss (nats/token)", title="validation loss (final, full split)")
+    ax1.set(xlabel="step", ylabel="validation loss (nats/token)", title="validation loss (periodic sample)")
     ax2.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="expert load imbalance", yscale="log")
     ax1.legend()
     ax2.legend()

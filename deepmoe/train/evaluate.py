@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 
 from ..data import PackedDataset
@@ -16,15 +17,17 @@ from .losses import cross_entropy
 def evaluate(model: DeepSeekModel, dataset: PackedDataset, batch_size: int, max_batches: int | None = None,
              bytes_per_token: float | None = None, autocast: contextlib.AbstractContextManager | None = None
              ) -> dict[str, float]:
-    """The first max_batches · batch_size sequences of `dataset` in order (all of them when None), so every
-    evaluation of a run sees the same tokens. bits/byte = loss / ln 2 / bytes_per_token."""
+    """Mean loss over max_batches · batch_size sequences spread evenly over `dataset` (all of them when None):
+    the same sequences at every evaluation of a run, and a sample of the whole split rather than of its
+    first documents. bits/byte = loss / ln 2 / bytes_per_token."""
     was_training = model.training
     model.eval()
     device = model.lm_head.weight.device
     n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
+    chosen = np.linspace(0, len(dataset) - 1, n).round().astype(np.int64)  # n distinct sequences
     total, tokens = 0.0, 0
     for start in range(0, n, batch_size):
-        x, y = dataset.batch(range(start, min(start + batch_size, n)))
+        x, y = dataset.batch(chosen[start:start + batch_size])
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             loss = cross_entropy(model(x), y)

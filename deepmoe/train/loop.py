@@ -186,7 +186,7 @@ class Trainer:
         """Periodic validation reads eval_batches fixed batches; `full` reads the whole split."""
         r = self.validate(None if full else self.cfg.eval_batches)
         self.metrics.write({"kind": "val", "step": self.state["step"], "tokens": self.state["tokens"],
-                            "val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r.get("bpb")})
+                            "val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r.get("bpb"), "full": full})
         return r
 
     def save(self) -> Path:

@@ -120,11 +120,18 @@ def _loss_figure(train, val):
     steps, mtp = _series(train, "mtp_loss")
     if mtp:
         ax.plot(steps, _ema(mtp), color="C1", lw=1.2, ls="--", label="MTP loss (EMA)")
-    vsteps, vloss = _series(val, "val_loss")
+    # periodic validation reads a fixed sample of the split; the final one ("full") reads all of it, so it
+    # is drawn apart rather than joined to the sampled curve
+    vsteps, vloss = _series([v for v in val if not v.get("full")], "val_loss")
+    fsteps, floss = _series([v for v in val if v.get("full")], "val_loss")
     title = "loss"
     if vloss:
-        ax.plot(vsteps, vloss, color="C3", marker="o", ms=4, lw=1.2, label="val loss")
-        title += f" (final val {vloss[-1]:.4f} @ step {vsteps[-1]})"
+        ax.plot(vsteps, vloss, color="C3", marker="o", ms=4, lw=1.2, label="val loss (sample)")
+    if floss:
+        ax.plot(fsteps, floss, color="C3", marker="*", ms=10, lw=0, label="val loss (whole split)")
+    if vloss or floss:
+        last_step, last = max(zip(vsteps + fsteps, vloss + floss))
+        title += f" (final val {last:.4f} @ step {last_step})"
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="small", framealpha=0.9)

@@ -120,7 +120,9 @@ def main(argv=None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     previous = json.loads((dest / "results.json").read_text()) if (dest / "results.json").is_file() else {}
     results = previous | results
-    (dest / "results.json").write_text(json.dumps(results, indent=1))
+    # one run per line: the curves make an indented file thousands of lines long
+    (dest / "results.json").write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in
+                                                           results.items()) + "\n}\n")
     plot({k: results[k] for k in ("moe-auxfree", "dense") if k in results}, dest / "moe_vs_dense.png")
     plot({k: results[k] for k in ("moe-auxfree", "moe-auxfree-fast", "moe-auxloss", "moe-none") if k in results},
          dest / "balancing.png")

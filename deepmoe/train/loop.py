@@ -216,7 +216,7 @@ class Trainer:
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, echo=print) -> dict[str, Any]:
     """Run (or continue) training to cfg.steps; return the summary also written to RUN/summary.json."""
-    from tqdm.auto import tqdm  # imported here: the model package must not need it
+    from tqdm.auto import tqdm  # imported here: only a running training loop draws a progress bar
 
     trainer = Trainer(cfg, model_cfg, resume)
     run_dir, state = trainer.run_dir, trainer.state

@@ -163,7 +163,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import load_pretrained
     from .data import PackedDataset, read_documents, split_documents
     from .tokenizer import load_tokenizer
-    from .train.config import TrainConfig
+    from .train.config import TrainConfig, default_cache_dir
     from .train.data import text_bytes, token_stream
     from .train.evaluate import evaluate
     from .train.state import TRAIN_CONFIG
@@ -181,7 +181,7 @@ def cmd_eval(args) -> int:
                                saved.val_fraction if saved else 0.05, saved.seed if saved else 0)[1]
         what = f"held-out split of {data or 'python stdlib'}"
     seq_len = args.seq_len or (saved.seq_len if saved and saved.seq_len else 256)
-    cache = args.cache_dir or (saved.cache_dir if saved else None) or str(Path.home() / ".cache" / "deepmoe")
+    cache = args.cache_dir or default_cache_dir()  # this machine's, not the one the model was trained on
     tokens = token_stream(docs, tok, str(Path(cache) / "tokens"), "eval")
     r = evaluate(model, PackedDataset(tokens, seq_len), args.batch_size, args.max_batches,
                  text_bytes(docs) / len(tokens))

@@ -222,7 +222,8 @@ def test_eval_and_generate_on_the_result(setup, capsys):
     root, _, ref = setup
     summary = json.loads((ref / "summary.json").read_text())
     capsys.readouterr()
-    assert main(["eval", "--model", str(ref / "final"), "--batch-size", "4"]) == 0
+    cache = ["--cache-dir", str(root / "cache")]
+    assert main(["eval", "--model", str(ref / "final"), "--batch-size", "4", *cache]) == 0
     out = capsys.readouterr().out
     assert "held-out split" in out
     loss = float(out.split("loss ")[1].split()[0])
@@ -230,7 +231,7 @@ def test_eval_and_generate_on_the_result(setup, capsys):
     assert main(["generate", "--model", str(ref / "final"), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("def ")
     corpus = root / "corpus" / "mod_00.py"
-    assert main(["eval", "--model", str(ref / "final"), "--data", str(corpus), "--batch-size", "1"]) == 0
+    assert main(["eval", "--model", str(ref / "final"), "--data", str(corpus), "--batch-size", "1", *cache]) == 0
     assert "1 documents" in capsys.readouterr().out
 
 

@@ -136,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
 
 
+def default_cache_dir() -> str:
+    """Where tokenizers and token streams are cached: $DEEPMOE_CACHE, else ~/.cache/deepmoe."""
+    return os.environ.get("DEEPMOE_CACHE") or str(Path.home() / ".cache" / "deepmoe")
+
+
 def resolve(cfg: TrainConfig, cuda_available: bool) -> tuple[TrainConfig, ModelConfig]:
     """Fill every `None` default from the device and preset; return it with the model config.
     The resolved config is what gets saved, so a resumed run never re-derives anything."""
@@ -164,9 +169,9 @@ def resolve(cfg: TrainConfig, cuda_available: bool) -> tuple[TrainConfig, ModelC
     if r.checkpoint_every is None:
         r.checkpoint_every = max(r.steps // 4, 1)
     if r.out is None:
-        r.out = str(Path("runs") / (preset or Path(cfg.model_config).parent.name or "custom"))
+        r.out = str(Path("runs") / (preset or Path(cfg.model_config).stem))
     if r.cache_dir is None:
-        r.cache_dir = os.environ.get("DEEPMOE_CACHE") or str(Path.home() / ".cache" / "deepmoe")
+        r.cache_dir = default_cache_dir()
     if r.aux_loss_alpha is None:
         r.aux_loss_alpha = float(model_cfg.aux_loss_alpha or 0.0)
     if r.seq_len > model_cfg.max_position_embeddings:

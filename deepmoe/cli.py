@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset, config or model")
     src = info.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny", help="a shipped preset (tiny, ref-813M, deepseek-v2-lite, deepseek-v3)")
+    src.add_argument("--preset", default="tiny",
+                     help="a shipped preset (tiny, ref-813M, deepseek-v2-lite, deepseek-v3)")
     src.add_argument("--config", help="a config.json file")
     src.add_argument("--model", help="a model directory")
     info.set_defaults(func=cmd_info)

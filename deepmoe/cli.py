@@ -93,7 +93,8 @@ TRAIN_HELP = {
     "plots": "write PNG plots into the run directory", "progress": "show the progress bar",
     "sample_tokens": "tokens of the greedy sample written at the end",
 }
-# what may differ from the saved config when resuming: none of it changes the computed losses
+# what may differ from the saved config when resuming: logging, checkpointing, where things live, and the
+# run length (a longer run also moves the multistep/cosine decay points; every other flag must match)
 RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
                     "sample_tokens", "device", "eval_batches", "max_bad_steps", "out", "cache_dir"}
 

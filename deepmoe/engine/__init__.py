@@ -1,0 +1,1 @@
+"""The inference engine: sequences, paged latent KV-cache bookkeeping, scheduling."""

@@ -92,7 +92,7 @@ class MLA(nn.Module):
                                              is_causal=True, scale=self.scale)
         return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, v)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int | torch.Tensor) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         S = c_kv.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
@@ -100,9 +100,14 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # query in latent space
         scores = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
         scores = scores.float() * self.scale
-        # query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i
-        q_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
-        visible = torch.arange(S, device=scores.device)[None, :] <= q_pos[:, None]  # (T, S)
+        # query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i; with per-row
+        # starts (B,) the mask is per row, which also hides a shorter row's padding keys
+        offsets = torch.arange(T, device=scores.device)
+        if isinstance(start_pos, torch.Tensor):
+            q_pos = start_pos.to(scores.device)[:, None, None] + offsets[:, None]  # (B, T, 1)
+            visible = (torch.arange(S, device=scores.device) <= q_pos).unsqueeze(1)  # (B, 1, T, S)
+        else:
+            visible = torch.arange(S, device=scores.device) <= (start_pos + offsets)[:, None]  # (T, S)
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)
         o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)

@@ -42,8 +42,13 @@ class DeepSeekModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     # ---- forward passes ------------------------------------------------------------------------
-    def rope(self, T: int, start_pos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start_pos, start_pos + T, device=device)
+    def rope(self, T: int, start_pos: int | torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for T positions from start_pos: an int (every row alike) or a (B,) tensor of per-row
+        starts (a batch of sequences at different lengths, as a serving engine decodes them)."""
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(device)[:, None] + torch.arange(T, device=device)  # (B, T)
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=device)
         return rope_cos_sin(self.inv_freq.float(), positions, self.rope_attention_factor)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,

@@ -1,0 +1,160 @@
+"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+
+`LLMEngine.step()` is the whole engine loop: schedule → run the model → sample → postprocess
+(detokenize, stop strings). The cache is sized from a memory budget; everything is exact: greedy output
+equals a plain full-recompute greedy loop token for token (tested).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import load_pretrained
+from ..tokenizer import Tokenizer, load_tokenizer
+from .block_manager import BlockManager
+from .kv_cache import bytes_per_block
+from .model_runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import SamplingParams, Sequence
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None  # per token: chosen and top alternatives → log-prob
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    # the common n = 1 case reads like vLLM's outputs[0]
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+def decode_stable(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Text of ids without a trailing incomplete UTF-8 character (it decodes to U+FFFD until the next
+    token completes it), so streamed text never shows a broken character."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text[:-1] if text.endswith("\ufffd") else text
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer: Tokenizer, kv_cache_bytes: int = 256 * 2**20, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        cfg = model.config
+        dtype = model.lm_head.weight.dtype
+        num_blocks = kv_cache_bytes // bytes_per_block(cfg, block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is below one block "
+                             f"({bytes_per_block(cfg, block_size, dtype)} bytes)")
+        self.tokenizer = tokenizer
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, cfg.max_position_embeddings)
+        self.runner = ModelRunner(model, num_blocks, block_size, dtype)
+        self.generators: dict[int, torch.Generator | None] = {}
+        self.logprobs: dict[int, list[dict[int, float]]] = {}
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, index: int = 0) -> Sequence:
+        limit = self.scheduler.max_model_len
+        if limit is not None and len(prompt_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+        seq = Sequence(prompt_ids, params, request_id)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+        self.generators[seq.seq_id] = gen
+        self.logprobs[seq.seq_id] = []
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """One engine iteration; returns the sequences that finished in it."""
+        plan = self.scheduler.schedule()
+        logits = self.runner.run(plan)
+        sampling = [item.seq for item in plan if item.seq.seq_id in logits]
+        next_tokens = {}
+        if sampling:
+            rows = torch.stack([logits[s.seq_id] for s in sampling])
+            tokens, logps = sample(rows, [s.params for s in sampling], [s.token_ids for s in sampling],
+                                   [s.num_prompt_tokens for s in sampling],
+                                   [self.generators[s.seq_id] for s in sampling])
+            for s, tok, lp in zip(sampling, tokens, logps):
+                next_tokens[s.seq_id] = tok
+                if s.params.logprobs is not None:
+                    top = lp.topk(s.params.logprobs).indices.tolist() if s.params.logprobs else []
+                    self.logprobs[s.seq_id].append({t: float(lp[t]) for t in [tok, *top]})
+        finished = self.scheduler.postprocess(plan, next_tokens, self.tokenizer.eos_id)
+        for s in sampling:  # stop strings: end the sequence and cut the text at the first match
+            if not s.is_finished and s.params.stop and self._stop_string(s) is not None:
+                self.scheduler.finish(s, "stop")
+                finished.append(s)
+        return finished
+
+    def _stop_string(self, seq: Sequence) -> int | None:
+        text = decode_stable(self.tokenizer, seq.completion_token_ids)
+        hits = [text.find(s) for s in seq.params.stop if s and s in text]
+        return min(hits) if hits else None
+
+    def output(self, seq: Sequence, index: int) -> CompletionOutput:
+        ids = seq.completion_token_ids
+        if ids and seq.finish_reason == "stop" and ids[-1] == self.tokenizer.eos_id:
+            ids = ids[:-1]  # eos is how it stopped, not part of the text
+        text = decode_stable(self.tokenizer, ids)
+        cut = self._stop_string(seq) if seq.params.stop else None
+        if cut is not None:
+            text = text[:cut]
+        lp = self.logprobs.pop(seq.seq_id) if seq.params.logprobs is not None else None
+        self.generators.pop(seq.seq_id, None)
+        return CompletionOutput(index, text, ids, seq.finish_reason, lp)
+
+
+class LLM:
+    def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None,
+                 kv_cache_bytes: int = 256 * 2**20, block_size: int = 16, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=False)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.engine = LLMEngine(model, self.tokenizer, kv_cache_bytes, block_size, max_num_seqs,
+                                max_num_batched_tokens)
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either. Results come back in prompt order."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        requests, seqs = [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            req = RequestOutput(str(i), ids)
+            requests.append(req)
+            seqs.append([(k, self.engine.add(ids, params, req.request_id, k)) for k in range(params.n)])
+        while self.engine.scheduler.has_unfinished():
+            self.engine.step()
+        for req, group in zip(requests, seqs):
+            req.outputs = [self.engine.output(seq, k) for k, seq in group]
+        return requests
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(self.tokenizer.encode(prompt), params)[0]

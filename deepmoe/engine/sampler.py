@@ -1,0 +1,59 @@
+"""Next-token sampling for a batch of requests, each with its own parameters: pure tensor functions.
+
+Order of operations (as in vLLM/transformers): penalties on the raw logits, then temperature, then the
+top-k / top-p / min-p filters, then one draw from each request's own generator (so a seeded request
+draws the same tokens whatever it is batched with). Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, history: list[int], prompt_len: int, p: SamplingParams) -> torch.Tensor:
+    """logits (V,) fp32. repetition: divide positive / multiply negative logits of every token seen in the
+    prompt or output; presence and frequency: subtract per distinct / per occurrence in the output."""
+    if p.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    output = history[prompt_len:]
+    if (p.presence_penalty or p.frequency_penalty) and output:
+        ids, counts = torch.tensor(output, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled logits (V,) with everything outside top-k, top-p and min-p set to -inf."""
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = logits.topk(min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p  # mass before a token already reaches top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]], prompt_lens: list[int],
+           generators: list[torch.Generator | None]) -> tuple[list[int], list[torch.Tensor]]:
+    """logits (B, V) → one token per row, and each row's log-probabilities (V,) of the distribution it was
+    drawn from after penalties (before filtering), for logprobs."""
+    tokens, logprobs = [], []
+    for row, p, hist, plen, gen in zip(logits.float(), params, histories, prompt_lens, generators):
+        row = apply_penalties(row.clone(), hist, plen, p)
+        logprobs.append(row.log_softmax(-1))
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+            continue
+        probs = filter_logits(row, p).softmax(-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return tokens, logprobs

@@ -1,0 +1,114 @@
+"""The engine end to end on a tiny random model: greedy output equals a naive full-recompute greedy loop
+under chunked prefill, prefix caching, batching and preemption; seeded sampling does not depend on what
+else is in the batch; stop strings, logprobs, n, the sampler's filters, and no leaked blocks."""
+
+import pytest
+import torch
+
+from deepmoe.checkpoint import save_pretrained
+from deepmoe.engine.llm import LLM, LLMEngine, decode_stable
+from deepmoe.engine.sampler import apply_penalties, filter_logits
+from deepmoe.engine.sequence import SamplingParams
+from deepmoe.model import build_model
+from deepmoe.tokenizer import train_bpe
+
+from .conftest import v3_config
+
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = v3_config(num_nextn_predict_layers=0, rope_scaling=None)
+    torch.manual_seed(0)
+    model = build_model(cfg, seed=1)
+    with torch.no_grad():  # a stronger head than init's 0.02 spreads the logits: no near-ties for argmax
+        model.lm_head.weight.mul_(20)
+    return model.eval(), train_bpe(TEXTS, 300)
+
+
+def naive_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = [list(range(5, 30)), list(range(5, 30)) + [40, 41], [7, 8, 9], list(range(100, 160)), [3]]
+
+
+@pytest.mark.parametrize("blocks,budget", [(1 << 20, 2048), (1 << 20, 8), (None, 16)])
+def test_greedy_equals_naive_recompute(parts, blocks, budget):
+    model, tok = parts
+    cfg = model.config
+    per_block = 4 * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    # None: a cache of 26 blocks (104 tokens) for ~160 tokens of work: forces preemption and recompute
+    engine = LLMEngine(model, tok, kv_cache_bytes=blocks or 26 * per_block, block_size=4, max_num_batched_tokens=budget)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    seqs = [engine.add(p, params, str(i)) for i, p in enumerate(PROMPTS)]
+    while engine.scheduler.has_unfinished():
+        engine.step()
+    for p, s in zip(PROMPTS, seqs):
+        assert s.completion_token_ids == naive_greedy(model, p, 12), p[:5]
+        assert s.finish_reason == "length"
+    assert engine.blocks.num_free_blocks == len(engine.blocks.blocks)  # nothing leaked
+    if blocks is None:
+        assert engine.scheduler.num_preemptions > 0
+    else:  # the second prompt extends the first: its first 24 tokens came from the prefix cache
+        assert any(b.hash is not None for b in engine.blocks.blocks)
+
+
+def test_llm_api_from_a_model_directory(parts, tmp_path):
+    model, tok = parts
+    save_pretrained(model, tmp_path)
+    tok.save(tmp_path)
+    llm = LLM(tmp_path, device="cpu", dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    out = llm.generate(["def f1(x):", [5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [o.request_id for o in out] == ["0", "1"]
+    assert out[1].token_ids == naive_greedy(model, [5, 6, 7], 6)
+    assert out[0].text == tok.decode(out[0].token_ids, skip_special_tokens=True)
+
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=3, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], sampled)[0].token_ids
+    crowd = llm.generate([[9, 9], [5, 6, 7], list(range(20, 40))], sampled)[1].token_ids
+    assert alone == crowd  # a seeded request is reproducible whatever it is batched with
+
+    many = llm.generate([5, 6, 7], SamplingParams(temperature=1.0, n=3, max_tokens=5, seed=0, logprobs=2,
+                                                  ignore_eos=True))[0]
+    assert [o.index for o in many.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in many.outputs}) > 1  # n samples differ
+    for o in many.outputs:
+        assert len(o.logprobs) == 5
+        assert all(o.token_ids[i] in lp and all(v <= 0 for v in lp.values()) for i, lp in enumerate(o.logprobs))
+
+    free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate("def f2(x):", free)[0]
+    stop = full.text[3:5] if len(full.text) >= 5 else None
+    if stop:
+        cut = llm.generate("def f2(x):", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+        assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert llm.engine.blocks.num_free_blocks == len(llm.engine.blocks.blocks)
+    with pytest.raises(ValueError, match="context"):
+        llm.generate([[1] * model.config.max_position_embeddings])
+
+
+def test_filters_and_penalties():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    keep = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(**kw))).nonzero().flatten().tolist()  # noqa: E731
+    assert keep(top_k=2) == [0, 1]
+    assert keep(top_p=0.7) == [0, 1]  # p(0) = 0.64 < 0.7, so token 1 is needed too
+    assert keep(min_p=0.3) == [0, 1]  # p(1) / p(0) = e^-1 = 0.37 >= 0.3, p(2) / p(0) = 0.14 < 0.3
+    assert keep() == [0, 1, 2, 3, 4]
+    pen = apply_penalties(logits.clone(), [0, 4, 1, 1], 2, SamplingParams(repetition_penalty=2.0,
+                                                                         presence_penalty=0.5, frequency_penalty=0.25))
+    # repetition on seen tokens {0, 1, 4}; then output tokens [1, 1]: presence 0.5 + frequency 2 x 0.25
+    assert pen.tolist() == pytest.approx([1.5, 1.0 - 1.0, 1.0, 0.0, -2.0])
+
+
+def test_decode_stable_holds_back_a_split_character(parts):
+    _, tok = parts
+    ids = tok.encode("é")  # byte-level BPE: unlikely to be one token in a corpus of ASCII code
+    if len(ids) > 1:
+        assert decode_stable(tok, ids[:1]) == ""
+    assert decode_stable(tok, ids) == "é"

@@ -11,8 +11,11 @@ def __getattr__(name):
     if name in ("load_pretrained", "save_pretrained", "CheckpointError"):
         from . import checkpoint
         return getattr(checkpoint, name)
+    if name in ("LLM", "SamplingParams"):  # the inference engine, vLLM-style
+        from .engine import llm
+        return getattr(llm, name)
     raise AttributeError(f"module 'deepmoe' has no attribute {name!r}")
 
 
 __all__ = ["ConfigError", "ModelConfig", "DeepSeekModel", "build_model", "load_pretrained", "save_pretrained",
-           "CheckpointError"]
+           "CheckpointError", "LLM", "SamplingParams"]

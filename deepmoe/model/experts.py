@@ -65,6 +65,7 @@ def drop_over_capacity(flat: torch.Tensor, weights: torch.Tensor, capacity: int,
     counts = torch.bincount(flat, minlength=n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # place within its expert
+    # the boolean mask makes the kept count data-dependent (one host sync); dropping is opt-in, dropless is not
     return order[rank < capacity], counts.clamp(max=capacity)
 
 

@@ -1,0 +1,100 @@
+"""Batch-1 greedy decode: deepmoe's engine (paged latent cache, absorbed MLA) vs transformers' generate.
+
+Same weights (a model directory, or a random one of a preset), same prompt, same number of new tokens
+(eos ignored); the two alternate for --rounds rounds in one process and the median is reported. Before
+timing, the greedy tokens of both are compared.
+
+    python benchmarks/decode.py                              # tiny, random weights, CPU, 2 threads
+    python benchmarks/decode.py --model runs/tiny/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from deepmoe.checkpoint import save_pretrained
+from deepmoe.config import ModelConfig
+from deepmoe.engine.llm import LLMEngine
+from deepmoe.engine.sequence import SamplingParams
+from deepmoe.model import build_model
+from deepmoe.tokenizer import train_bpe
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a model directory (default: random weights of --preset)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hf-impl", default="eager", help="transformers experts_implementation")
+    args = p.parse_args(argv)
+    import transformers
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            cfg = ModelConfig.from_preset(args.preset).replace(num_nextn_predict_layers=0)
+            save_pretrained(build_model(cfg, seed=0), tmp)
+            path = tmp
+        from deepmoe.checkpoint import load_pretrained
+
+        ours = load_pretrained(path, device=device, dtype=dtype, load_mtp=False)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                               experts_implementation=args.hf_impl).to(device).eval()
+    tok = train_bpe(["x"], 300)  # the engine needs a tokenizer for eos/decoding only; eos is ignored here
+    engine = LLMEngine(ours, tok, kv_cache_bytes=64 * 2**20, block_size=16, max_num_seqs=1)
+    torch.manual_seed(0)
+    prompt = torch.randint(3, ours.config.vocab_size, (args.prompt_len,)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+
+    def run_ours() -> list[int]:
+        seq = engine.add(prompt, params, "bench")
+        while engine.scheduler.has_unfinished():
+            engine.step()
+        return seq.completion_token_ids
+
+    def run_hf() -> list[int]:
+        ids = torch.tensor([prompt], device=device)
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                              pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    a, b = run_ours(), run_hf()
+    same = sum(x == y for x, y in zip(a, b))
+    print(f"greedy tokens identical: {same}/{len(a)}" + ("" if same == len(a) else " (diverged: fp rounding on a near-tie)"))
+    times = {"deepmoe": [], "transformers": []}
+    for _ in range(args.rounds):
+        for name, fn in (("deepmoe", run_ours), ("transformers", run_hf)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {where}, {path if args.model else args.preset + ' (random weights)'}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, batch 1, {str(dtype).removeprefix('torch.')}")
+    rate = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
+    for k, r in rate.items():
+        print(f"{k:<14} {r:8.1f} tok/s (median of {args.rounds}, prefill included)")
+    print(f"deepmoe / transformers {args.hf_impl}: {rate['deepmoe'] / rate['transformers']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

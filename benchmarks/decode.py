@@ -75,7 +75,8 @@ def main(argv=None) -> int:
 
     a, b = run_ours(), run_hf()
     same = sum(x == y for x, y in zip(a, b))
-    print(f"greedy tokens identical: {same}/{len(a)}" + ("" if same == len(a) else " (diverged: fp rounding on a near-tie)"))
+    note = "" if same == len(a) else " (diverged: fp rounding on a near-tie)"
+    print(f"greedy tokens identical: {same}/{len(a)}{note}")
     times = {"deepmoe": [], "transformers": []}
     for _ in range(args.rounds):
         for name, fn in (("deepmoe", run_ours), ("transformers", run_hf)):

@@ -14,9 +14,9 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
+from timing import time_calls  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from deepmoe.checkpoint import save_pretrained
 from deepmoe.config import ModelConfig
@@ -80,13 +80,7 @@ def main(argv=None) -> int:
     times = {"deepmoe": [], "transformers": []}
     for _ in range(args.rounds):
         for name, fn in (("deepmoe", run_ours), ("transformers", run_hf)):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            times[name] += time_calls(fn, 1, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {where}, {path if args.model else args.preset + ' (random weights)'}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, batch 1, {str(dtype).removeprefix('torch.')}")

@@ -20,9 +20,9 @@ import contextlib
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
+from timing import time_calls  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from deepmoe.checkpoint import save_pretrained
 from deepmoe.config import ModelConfig
@@ -88,19 +88,6 @@ def make_steps(args, cfg: ModelConfig, device: torch.device):
     return steps
 
 
-def time_steps(step, n: int, device: torch.device) -> list[float]:
-    out = []
-    for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default=None, help="default: tiny on CPU, ref-813M on CUDA")
@@ -134,14 +121,14 @@ def main(argv=None) -> int:
         print("loss mismatch between implementations: not timing", file=sys.stderr)
         return 1
     for name, step in steps:
-        time_steps(step, args.warmup, device)
+        time_calls(step, args.warmup, device)
     times: dict[str, list[float]] = {name: [] for name, _ in steps}
     peak_mem: dict[str, int] = {}
     for _ in range(args.rounds):  # alternate, so drifting machine load affects every model alike
         for name, step in steps:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times[name] += time_steps(step, args.steps, device)
+            times[name] += time_calls(step, args.steps, device)
             if device.type == "cuda":
                 peak_mem[name] = max(peak_mem.get(name, 0), torch.cuda.max_memory_allocated(device))
     tokens = args.batch_size * args.seq_len

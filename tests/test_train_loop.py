@@ -171,10 +171,19 @@ def _trainer(root, args, out, **overrides):
     return loop.Trainer(cfg, model_cfg)
 
 
-def _poison(trainer):
-    for p in trainer.model.parameters():
-        if p.grad is not None:
-            p.grad.fill_(float("nan"))
+def _poison_gradients(monkeypatch):
+    """From now on every micro-batch leaves NaN gradients; returns the original forward_backward."""
+    original = loop.Trainer.forward_backward
+
+    def poisoned(self, x, y, scale):
+        result = original(self, x, y, scale)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "forward_backward", poisoned)
+    return original
 
 
 def test_non_finite_step_is_skipped(setup, monkeypatch):
@@ -182,14 +191,7 @@ def test_non_finite_step_is_skipped(setup, monkeypatch):
     trainer = _trainer(root, args, root / "nan-once")
     trainer.train_step()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    original = loop.Trainer.forward_backward
-
-    def poisoned(self, x, y, scale):
-        result = original(self, x, y, scale)
-        _poison(self)
-        return result
-
-    monkeypatch.setattr(loop.Trainer, "forward_backward", poisoned)
+    original = _poison_gradients(monkeypatch)
     record = trainer.train_step()
     assert record["skipped"] and record["grad_norm"] != record["grad_norm"]  # NaN
     after = trainer.model.state_dict()
@@ -203,14 +205,7 @@ def test_non_finite_step_is_skipped(setup, monkeypatch):
 def test_persistent_non_finite_stops_the_run(setup, monkeypatch):
     root, args, _ = setup
     trainer = _trainer(root, args, root / "nan-always", max_bad_steps=3)
-    original = loop.Trainer.forward_backward
-
-    def poisoned(self, x, y, scale):
-        result = original(self, x, y, scale)
-        _poison(self)
-        return result
-
-    monkeypatch.setattr(loop.Trainer, "forward_backward", poisoned)
+    _poison_gradients(monkeypatch)
     trainer.train_step()
     trainer.train_step()
     with pytest.raises(loop.TrainingError, match="non-finite for 3 steps in a row"):

@@ -86,6 +86,8 @@ class Trainer:
         self.model.train()
         self.moe = moe_layers(self.model)  # main stack first, then MTP blocks: router_out's order
         self.n_main_moe = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_hidden_layers))
+        blocks = [*self.model.model.layers, *(m.block for m in self.model.mtp)]
+        self.moe_layer_ids = [i for i, block in enumerate(blocks) if block.mlp in self.moe]  # metrics labels
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.batch_size, cfg.seed)
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "bad_in_a_row": 0,
@@ -159,7 +161,7 @@ class Trainer:
                   "ce": _mean([r.ce for r in results]), "mtp_loss": _mean([r.mtp for r in results]),
                   "aux_loss": _mean([r.aux for r in results]), "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": tokens / dt, "elapsed_s": self.state["elapsed_s"], "skipped": skipped,
-                  "moe_layers": [self._layer_index(m) for m in self.moe[:0 if counts is None else len(counts)]]}
+                  "moe_layers": self.moe_layer_ids[:0 if counts is None else len(counts)]}
         record.update(load_metrics(counts) if counts is not None else
                       {"max_vio": [], "min_share": [], "max_share": [], "dead_experts": [], "expert_share": []})
         self.metrics.write(record)
@@ -170,12 +172,6 @@ class Trainer:
                 f"{self.state['step']}); stopping. Last good checkpoint: {str(last[-1]) if last else 'none'}. "
                 "Lower --lr, raise --warmup-steps or check the data, then --resume.")
         return record
-
-    def _layer_index(self, moe) -> int:
-        for i, block in enumerate([*self.model.model.layers, *(m.block for m in self.model.mtp)]):
-            if block.mlp is moe:
-                return i
-        raise LookupError("MoE layer not in the model")
 
     # ---- evaluation, checkpoints, outputs ---------------------------------------------------------
     def validate(self, max_batches: int | None) -> dict[str, float]:

@@ -110,6 +110,13 @@ class LLMEngine:
                 finished.append(s)
         return finished
 
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request (a client went away): its blocks go back to the pool at once."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+        self.generators.pop(seq.seq_id, None)
+        self.logprobs.pop(seq.seq_id, None)
+
     def _stop_string(self, seq: Sequence) -> int | None:
         text = decode_stable(self.tokenizer, seq.completion_token_ids)
         hits = [text.find(s) for s in seq.params.stop if s and s in text]

@@ -104,7 +104,7 @@ def run(scheduler, eos=None, token=lambda s: 7, max_steps=500):
         plan = scheduler.schedule()
         assert plan, "scheduler made no progress"
         steps.append([(p.seq.seq_id, p.num_tokens) for p in plan])
-        scheduler.postprocess(plan, {p.seq.seq_id: token(p.seq) for p in plan if p.samples}, eos)
+        scheduler.postprocess(plan, {p.seq.seq_id: [token(p.seq)] for p in plan if p.samples}, eos)
         assert len(steps) < max_steps
     return steps
 

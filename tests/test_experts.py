@@ -4,15 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepmoe.model.experts import Experts, _padded_grouped_mm, grouped_mm, grouped_mm_reference
+from deepmoe.model.experts import Experts, _active_groups_mm, _padded_grouped_mm, grouped_mm, grouped_mm_reference
 
 from .conftest import v3_config
 
 
-@pytest.mark.parametrize("impl", [grouped_mm, _padded_grouped_mm], ids=["grouped_mm", "padded_bmm"])
-def test_grouped_mm_matches_reference(impl):
+@pytest.mark.parametrize("impl", [grouped_mm, _padded_grouped_mm, _active_groups_mm],
+                         ids=["grouped_mm", "padded_bmm", "active_groups"])
+@pytest.mark.parametrize("counts", [[3, 0, 7, 1, 0, 5], [0, 2, 0, 1, 0, 0]], ids=["many_rows", "decode"])
+def test_grouped_mm_matches_reference(impl, counts):
     g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([3, 0, 7, 1, 0, 5])  # empty groups included
+    counts = torch.tensor(counts)  # empty groups included; "decode" has fewer rows than groups
     x = torch.randn(int(counts.sum()), 24, generator=g)
     w = torch.randn(6, 10, 24, generator=g)
     torch.testing.assert_close(impl(x, w, counts), grouped_mm_reference(x, w, counts))

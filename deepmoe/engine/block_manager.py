@@ -102,11 +102,21 @@ class BlockManager:
 
     def append(self, seq: Sequence) -> None:
         """Account for the token just appended to seq (after `can_append`)."""
-        if len(seq) > len(seq.block_table) * self.block_size:
+        i = (len(seq) - 1) // self.block_size  # the block the new token lands in (may be reserved already)
+        if i == len(seq.block_table):
             if not self.free:
                 raise RuntimeError(f"no free block for {seq!r}; check can_append first")
             seq.block_table.append(self._take_fresh().block_id)
-        self.blocks[seq.block_table[-1]].token_ids = seq.block_tokens(len(seq.block_table) - 1, self.block_size)
+        self.blocks[seq.block_table[i]].token_ids = seq.block_tokens(i, self.block_size)
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make room for num_tokens slots (speculative tokens past the end of seq); all or nothing."""
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_fresh().block_id)
+        return True
 
     def deallocate(self, seq: Sequence) -> None:
         """Release seq's blocks (finished, aborted or preempted). Shared blocks stay with their other users;

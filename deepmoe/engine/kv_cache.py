@@ -2,9 +2,10 @@
 
 Per layer and token slot only MLA's latent is stored: c_kv (kv_lora_rank) and the rotated k_pe
 (qk_rope_head_dim), 576 values per token per layer at DeepSeek-V3 size, instead of per-head keys and
-values. Slot s of block b is row b·block_size + s. A `PagedBatch` is the view one forward pass gets: it
-writes the new tokens' latents into their slots and gathers each row's whole history (padded to the
-longest row; the attention mask hides the padding by position).
+values. The MTP layers get cache layers after the main stack. Slot s of block b is row b·block_size + s;
+one extra row at the end is scratch that padding writes into and reads from. A `PagedBatch` is the view
+one forward pass gets: it writes the new tokens' latents into their slots and gathers each row's whole
+history (padded to the longest row; the attention mask hides the padding by position).
 """
 
 from __future__ import annotations
@@ -14,34 +15,52 @@ import torch
 from ..config import ModelConfig
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return cfg.num_hidden_layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, layers: int | None = None) -> int:
+    """Cache bytes of one block; layers defaults to the main stack (add the MTP layers when drafting)."""
+    layers = cfg.num_hidden_layers if layers is None else layers
+    return layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
 
 
 class PagedLatentCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
-        slots = num_blocks * block_size
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device,
+                 layers: int | None = None):
+        layers = cfg.num_hidden_layers if layers is None else layers
         self.block_size = block_size
-        self.c_kv = torch.zeros(cfg.num_hidden_layers, slots, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(cfg.num_hidden_layers, slots, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.scratch = num_blocks * block_size  # the padding slot
+        self.c_kv = torch.zeros(layers, self.scratch + 1, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(layers, self.scratch + 1, cfg.qk_rope_head_dim, dtype=dtype, device=device)
 
-    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Cache rows of token positions start .. end-1 of a sequence with this block table."""
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+    def batch(self, block_tables: list[list[int]], starts: list[int], lengths: list[int]) -> PagedBatch:
+        """The view for rows that compute `lengths[b]` tokens from position `starts[b]`, each row's tokens
+        at positions 0 .. starts[b] + lengths[b] - 1 living in the blocks of block_tables[b]."""
+        device, bs = self.c_kv.device, self.block_size
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        start = torch.tensor(starts, dtype=torch.long)
+        end = start + torch.tensor(lengths, dtype=torch.long)
+        T, S = max(lengths), int(end.max())
+
+        def slots(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # (B, n) positions → cache rows
+            rows = tables.gather(1, (pos // bs).clamp(max=width - 1)) * bs + pos % bs
+            return torch.where(valid, rows, self.scratch)
+
+        new = start[:, None] + torch.arange(T)
+        every = torch.arange(S).expand(len(starts), S)
+        write = slots(new, new < end[:, None])
+        read = slots(every, every < end[:, None])
+        return PagedBatch(self, write.to(device), read.to(device))
 
 
 class PagedBatch:
-    """One forward pass's view of the cache (the model's LatentCache protocol). Row b computes tokens at
-    positions start[b] .. start[b] + n[b] - 1; `write` (B, T) holds their slots (-1 for padding);
-    `read` (B, S) the slots of each row's positions 0 .. S-1 (any valid slot as padding)."""
+    """One forward pass's view of the cache (the model's LatentCache protocol): `write` (B, T) holds the
+    slots of the new tokens, `read` (B, S) the slots of positions 0 .. S-1, the scratch slot as padding."""
 
     def __init__(self, cache: PagedLatentCache, write: torch.Tensor, read: torch.Tensor):
         self.cache, self.write, self.read = cache, write, read
-        self.valid = write >= 0
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos):
-        slots = self.write[self.valid]
-        self.cache.c_kv[layer_idx, slots] = c_kv[self.valid].to(self.cache.c_kv.dtype)
-        self.cache.k_pe[layer_idx, slots] = k_pe[self.valid].to(self.cache.k_pe.dtype)
-        return self.cache.c_kv[layer_idx][self.read], self.cache.k_pe[layer_idx][self.read]  # (B, S, ·)
+        c, k = self.cache.c_kv[layer_idx], self.cache.k_pe[layer_idx]
+        slots = self.write.reshape(-1)
+        c.index_copy_(0, slots, c_kv.reshape(-1, c.shape[-1]).to(c.dtype))
+        k.index_copy_(0, slots, k_pe.reshape(-1, k.shape[-1]).to(k.dtype))
+        return c[self.read], k[self.read]  # (B, S, ·)

@@ -1,8 +1,9 @@
 """The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
 
-`LLMEngine.step()` is the whole engine loop: schedule → run the model → sample → postprocess
-(detokenize, stop strings). The cache is sized from a memory budget; everything is exact: greedy output
-equals a plain full-recompute greedy loop token for token (tested).
+`LLMEngine.step()` is the whole engine loop: schedule → run the model → sample (or verify drafts) →
+draft the next tokens with the MTP layer (when speculative) → postprocess (stop rules, detokenize, stop
+strings). The cache is sized from a memory budget; everything is exact: greedy output equals a plain
+full-recompute greedy loop token for token, with or without speculation (tested).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from .block_manager import BlockManager
 from .kv_cache import bytes_per_block
 from .model_runner import ModelRunner
 from .sampler import sample
-from .scheduler import Scheduler
+from .scheduler import Scheduled, Scheduler
 from .sequence import SamplingParams, Sequence
+from .speculative import propose, verify
 
 
 @dataclass
@@ -60,19 +62,30 @@ def decode_stable(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer, kv_cache_bytes: int = 256 * 2**20, block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, speculative: bool = False):
         cfg = model.config
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative decoding drafts with the model's MTP layers, and this model has none "
+                             "(num_nextn_predict_layers is 0 or the checkpoint holds no MTP weights)")
         dtype = model.lm_head.weight.dtype
-        num_blocks = kv_cache_bytes // bytes_per_block(cfg, block_size, dtype)
+        layers = cfg.num_hidden_layers + (1 if speculative else 0)  # drafting caches MTP depth 1 as well
+        per_block = bytes_per_block(cfg, block_size, dtype, layers)
+        num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is below one block "
-                             f"({bytes_per_block(cfg, block_size, dtype)} bytes)")
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is below one block ({per_block} bytes)")
         self.tokenizer = tokenizer
+        self.speculative = speculative
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, cfg.max_position_embeddings)
-        self.runner = ModelRunner(model, num_blocks, block_size, dtype)
+        self.runner = ModelRunner(model, num_blocks, block_size, dtype, draft_layers=layers - cfg.num_hidden_layers)
         self.generators: dict[int, torch.Generator | None] = {}
         self.logprobs: dict[int, list[dict[int, float]]] = {}
+        self.draft_probs: dict[int, list[torch.Tensor | None]] = {}  # seq_id → q of each pending draft
+        self.num_drafted = self.num_accepted = 0  # speculative decoding's acceptance statistics
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, index: int = 0) -> Sequence:
         limit = self.scheduler.max_model_len
@@ -90,25 +103,65 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """One engine iteration; returns the sequences that finished in it."""
         plan = self.scheduler.schedule()
-        logits = self.runner.run(plan)
-        sampling = [item.seq for item in plan if item.seq.seq_id in logits]
-        next_tokens = {}
-        if sampling:
-            rows = torch.stack([logits[s.seq_id] for s in sampling])
-            tokens, logps = sample(rows, [s.params for s in sampling], [s.token_ids for s in sampling],
-                                   [s.num_prompt_tokens for s in sampling],
-                                   [self.generators[s.seq_id] for s in sampling])
-            for s, tok, lp in zip(sampling, tokens, logps):
-                next_tokens[s.seq_id] = tok
-                if s.params.logprobs is not None:
-                    top = lp.topk(s.params.logprobs).indices.tolist() if s.params.logprobs else []
-                    self.logprobs[s.seq_id].append({t: float(lp[t]) for t in [tok, *top]})
-        finished = self.scheduler.postprocess(plan, next_tokens, self.tokenizer.eos_id)
-        for s in sampling:  # stop strings: end the sequence and cut the text at the first match
+        hidden = self.runner.run(plan)
+        sampling = [item for item in plan if item.samples]
+        new_tokens: dict[int, list[int]] = {}
+        if sampling:  # logits only where a token is chosen: the last pending token and each draft
+            rows = [hidden[item.seq.seq_id][-1 - item.num_draft:] for item in sampling]
+            logits = self.runner.logits(torch.cat(rows)).split([len(r) for r in rows])
+            for item, lg in zip(sampling, logits):
+                new_tokens[item.seq.seq_id] = self._choose(item, lg)
+        drafts = self._draft(plan, hidden, new_tokens) if self.speculative else {}
+        finished = self.scheduler.postprocess(plan, new_tokens, self.tokenizer.eos_id)
+        for item in sampling:  # stop strings: end the sequence and cut the text at the first match
+            s = item.seq
             if not s.is_finished and s.params.stop and self._stop_string(s) is not None:
                 self.scheduler.finish(s, "stop")
                 finished.append(s)
+        for seq_id, (seq, token, q) in drafts.items():
+            if not seq.is_finished and seq.num_cached_tokens == len(seq) - 1:  # still decoding, not preempted
+                seq.draft_token_ids, self.draft_probs[seq_id] = [token], [q]
         return finished
+
+    def _choose(self, item: Scheduled, logits: torch.Tensor) -> list[int]:
+        """New tokens of one sampling sequence from its logits (1 + num_draft, V), recording logprobs."""
+        s, gen = item.seq, self.generators[item.seq.seq_id]
+        if item.num_draft:
+            tokens, logps = verify(logits, s.params, s.token_ids, s.num_prompt_tokens, s.draft_token_ids,
+                                   self.draft_probs.pop(s.seq_id), gen)
+            self.num_drafted += item.num_draft
+            self.num_accepted += len(tokens) - 1
+        else:
+            tokens, logps = sample(logits, [s.params], [s.token_ids], [s.num_prompt_tokens], [gen])
+        if s.params.logprobs is not None:
+            for tok, lp in zip(tokens, logps):
+                top = lp.topk(s.params.logprobs).indices.tolist() if s.params.logprobs else []
+                self.logprobs[s.seq_id].append({t: float(lp[t]) for t in [tok, *top]})
+        return tokens
+
+    def _draft(self, plan: list[Scheduled], hidden: dict[int, torch.Tensor], new_tokens: dict[int, list[int]]
+               ) -> dict[int, tuple[Sequence, int, torch.Tensor | None]]:
+        """Run MTP depth 1 over every position that became final this step (its next token is now known),
+        keeping the MTP cache complete, and propose one draft token for each sequence that sampled."""
+        seqs, starts, next_ids, h = [], [], [], []
+        for item in plan:
+            s, new = item.seq, new_tokens.get(item.seq.seq_id, [])
+            kept = item.num_kept(len(new)) if item.samples else item.num_tokens
+            full = s.token_ids + new
+            seqs.append(s)
+            starts.append(s.num_cached_tokens)
+            next_ids.append(full[s.num_cached_tokens + 1:s.num_cached_tokens + kept + 1])
+            h.append(hidden[s.seq_id][:kept])
+        mtp_hidden = self.runner.draft(seqs, starts, next_ids, h)
+        out = {}
+        sampling = [(item.seq, mh[-1]) for item, mh in zip(plan, mtp_hidden) if item.samples]
+        if sampling:
+            logits = self.runner.draft_logits(torch.stack([mh for _, mh in sampling]))
+            for (s, _), lg in zip(sampling, logits):
+                history = s.token_ids + new_tokens[s.seq_id]
+                token, q = propose(lg, s.params, history, s.num_prompt_tokens, self.generators[s.seq_id])
+                out[s.seq_id] = (s, token, q)
+        return out
 
     def abort(self, seq: Sequence) -> None:
         """Cancel a request (a client went away): its blocks go back to the pool at once."""
@@ -116,6 +169,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         self.generators.pop(seq.seq_id, None)
         self.logprobs.pop(seq.seq_id, None)
+        self.draft_probs.pop(seq.seq_id, None)
 
     def _stop_string(self, seq: Sequence) -> int | None:
         text = decode_stable(self.tokenizer, seq.completion_token_ids)
@@ -132,18 +186,19 @@ class LLMEngine:
             text = text[:cut]
         lp = self.logprobs.pop(seq.seq_id) if seq.params.logprobs is not None else None
         self.generators.pop(seq.seq_id, None)
+        self.draft_probs.pop(seq.seq_id, None)
         return CompletionOutput(index, text, ids, seq.finish_reason, lp)
 
 
 class LLM:
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None,
                  kv_cache_bytes: int = 256 * 2**20, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048):
+                 max_num_batched_tokens: int = 2048, speculative: bool = False):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=False)
+        model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=speculative)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = LLMEngine(model, self.tokenizer, kv_cache_bytes, block_size, max_num_seqs,
-                                max_num_batched_tokens)
+                                max_num_batched_tokens, speculative)
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, or a list of either. Results come back in prompt order."""

@@ -1,59 +1,86 @@
 """Executes a scheduler plan on the model: the only part of the engine that touches device memory.
 
-Decoding sequences (one new token each) run together as one batch with per-row positions; every prefill
-chunk runs as its own forward pass, so no prompt is padded to another's length. Attention always runs in
-absorbed form over the paged latent cache. Returns the last-position logits of every sequence whose
-pending tokens are now all computed (the ones that sample).
+Short rows (decodes, a decode plus its draft tokens) run together as one padded batch with per-row
+positions; every longer prefill chunk runs as its own forward pass, so no prompt is padded to another's
+length. Attention always runs in absorbed form over the paged latent cache. The runner returns hidden
+states; the engine picks which positions need logits (one per sampling sequence, more when drafts are
+verified). With MTP drafting, the MTP layer runs over the same positions once their next token is known.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from ..model import DeepSeekModel
 from .kv_cache import PagedBatch, PagedLatentCache
 from .scheduler import Scheduled
+from .sequence import Sequence
+
+SHORT_ROW = 4  # rows of at most this many tokens share one padded forward; longer ones run alone
 
 
 class ModelRunner:
-    def __init__(self, model: DeepSeekModel, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
+    def __init__(self, model: DeepSeekModel, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                 draft_layers: int = 0):
         self.model = model.eval()
         p = model.lm_head.weight
         self.device = p.device
-        self.cache = PagedLatentCache(model.config, num_blocks, block_size, dtype or p.dtype, p.device)
+        layers = model.config.num_hidden_layers + draft_layers
+        self.cache = PagedLatentCache(model.config, num_blocks, block_size, dtype or p.dtype, p.device, layers)
 
     @torch.inference_mode()
     def run(self, plan: list[Scheduled]) -> dict[int, torch.Tensor]:
-        """seq_id → logits (V,) for the sequences that sample this step."""
-        out: dict[int, torch.Tensor] = {}
-        decodes = [item for item in plan if item.num_tokens == 1]
+        """seq_id → final normed hidden states (num_tokens, d) of the tokens computed for it this step
+        (its pending tokens, then its draft tokens)."""
+        seqs = [item.seq for item in plan]
+        tokens = []
         for item in plan:
-            if item.num_tokens > 1:
-                logits = self._forward([item])
-                if item.samples:
-                    out[item.seq.seq_id] = logits[0]
-        if decodes:
-            logits = self._forward(decodes)
-            for item, row in zip(decodes, logits):
-                if item.samples:
-                    out[item.seq.seq_id] = row
+            s, n = item.seq, item.num_tokens - item.num_draft
+            tokens.append(s.token_ids[s.num_cached_tokens:s.num_cached_tokens + n] + s.draft_token_ids[:item.num_draft])
+
+        def forward(ids, batch, starts, rows):
+            return self.model.hidden_states(ids, cache=batch, start_pos=starts)
+
+        hidden = self._run(seqs, [s.num_cached_tokens for s in seqs], tokens, forward)
+        return {s.seq_id: h for s, h in zip(seqs, hidden)}
+
+    @torch.inference_mode()
+    def draft(self, seqs: list[Sequence], starts: list[int], next_ids: list[list[int]],
+              hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """MTP depth 1 over positions starts[b] .. of each sequence, given the main model's hidden states
+        there (n, d) and the token after each position → MTP hidden states (n, d); writes the MTP cache."""
+        def forward(ids, batch, start, rows):
+            h = torch.zeros(*ids.shape, hidden[0].shape[-1], dtype=hidden[0].dtype, device=self.device)
+            for j, i in enumerate(rows):
+                h[j, :len(hidden[i])] = hidden[i]
+            return self.model.mtp_hidden(1, h, ids, cache=batch, start_pos=start)
+
+        return self._run(seqs, starts, next_ids, forward)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.mtp_head(1, hidden).float()
+
+    def _run(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]],
+             forward: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        """Row b computes tokens[b] at positions starts[b] ..; forward(ids (b, T), PagedBatch, starts (b,),
+        row indices) → (b, T, d). Returns each row's (len(tokens[b]), d) unpadded."""
+        out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+        short = [i for i, t in enumerate(tokens) if len(t) <= SHORT_ROW]
+        groups = [[i] for i, t in enumerate(tokens) if len(t) > SHORT_ROW] + ([short] if short else [])
+        for rows in groups:
+            T = max(len(tokens[i]) for i in rows)
+            ids = torch.tensor([tokens[i] + [0] * (T - len(tokens[i])) for i in rows], device=self.device)
+            batch: PagedBatch = self.cache.batch([seqs[i].block_table for i in rows], [starts[i] for i in rows],
+                                                 [len(tokens[i]) for i in rows])
+            start = torch.tensor([starts[i] for i in rows], device=self.device)
+            h = forward(ids, batch, start, rows)
+            for j, i in enumerate(rows):
+                out[i] = h[j, :len(tokens[i])]
         return out
-
-    def _long(self, rows) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
-
-    def _forward(self, items: list[Scheduled]) -> torch.Tensor:
-        """Rows of equal length T (a batch of decodes, or one prefill chunk) → last-position logits (B, V)."""
-        T = items[0].num_tokens
-        starts = [item.seq.num_cached_tokens for item in items]
-        ids = [item.seq.token_ids[s:s + T] for item, s in zip(items, starts)]
-        S = max(starts) + T
-        write, read = [], []
-        for item, s in zip(items, starts):
-            table = item.seq.block_table
-            write.append(self.cache.slots(table, s, s + T))
-            history = self.cache.slots(table, 0, s + T)
-            read.append(history + [history[0]] * (S - len(history)))  # padding: masked by position
-        batch = PagedBatch(self.cache, self._long(write), self._long(read))
-        hidden = self.model.hidden_states(self._long(ids), cache=batch, start_pos=self._long(starts))
-        return self.model.lm_head(hidden[:, -1]).float()

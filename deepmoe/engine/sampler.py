@@ -43,17 +43,27 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def distribution(logits: torch.Tensor, p: SamplingParams, history: list[int], prompt_len: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One row of logits (V,) → its log-probabilities after penalties (V,), what `logprobs` reports, and
+    the distribution to draw from after temperature and filters (V,), None when greedy."""
+    row = apply_penalties(logits.float().clone(), history, prompt_len, p)
+    return row.log_softmax(-1), (None if p.greedy else filter_logits(row, p).softmax(-1))
+
+
+def draw(logprobs: torch.Tensor, probs: torch.Tensor | None, generator: torch.Generator | None) -> int:
+    if probs is None:
+        return int(logprobs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]], prompt_lens: list[int],
            generators: list[torch.Generator | None]) -> tuple[list[int], list[torch.Tensor]]:
     """logits (B, V) → one token per row, and each row's log-probabilities (V,) of the distribution it was
     drawn from after penalties (before filtering), for logprobs."""
     tokens, logprobs = [], []
-    for row, p, hist, plen, gen in zip(logits.float(), params, histories, prompt_lens, generators):
-        row = apply_penalties(row.clone(), hist, plen, p)
-        logprobs.append(row.log_softmax(-1))
-        if p.greedy:
-            tokens.append(int(row.argmax()))
-            continue
-        probs = filter_logits(row, p).softmax(-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+    for row, p, hist, plen, gen in zip(logits, params, histories, prompt_lens, generators):
+        logp, probs = distribution(row, p, hist, plen)
+        tokens.append(draw(logp, probs, gen))
+        logprobs.append(logp)
     return tokens, logprobs

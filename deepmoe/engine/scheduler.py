@@ -6,6 +6,8 @@ never stalls everyone's decoding). Waiting sequences are then admitted first-com
 blocks, sequence slots and budget last; the queue head is never skipped, so a long prompt cannot starve.
 When a sampled token needs a new block and none is free, the most recently admitted running sequence is
 preempted: its blocks are freed and it goes back to the head of the queue to be recomputed later.
+A decoding sequence with draft tokens (speculative decoding) computes its last token and the drafts in
+one go when budget and blocks allow; otherwise the drafts are dropped and it decodes one token.
 Pure Python: the model runner executes the plan, `postprocess` applies the sampled tokens.
 """
 
@@ -21,12 +23,18 @@ from .sequence import Sequence, Status
 @dataclass
 class Scheduled:
     seq: Sequence
-    num_tokens: int  # tokens to compute this step, starting at seq.num_cached_tokens
+    num_tokens: int  # tokens to compute this step, starting at seq.num_cached_tokens (drafts included)
+    num_draft: int = 0  # of which the last num_draft are seq.draft_token_ids, to be verified
 
     @property
     def samples(self) -> bool:
         """Whether this step completes the sequence's pending tokens, so its last logits pick a new token."""
-        return self.seq.num_cached_tokens + self.num_tokens == len(self.seq)
+        return self.seq.num_cached_tokens + self.num_tokens - self.num_draft == len(self.seq)
+
+    def num_kept(self, num_new_tokens: int) -> int:
+        """How many computed tokens stay in the cache, given how many new tokens the step appends: the
+        pending tokens plus the kept drafts (every new token but the last is a kept draft)."""
+        return self.num_tokens - self.num_draft + max(num_new_tokens - 1, 0)
 
 
 class Scheduler:
@@ -54,51 +62,60 @@ class Scheduler:
         budget, plan = self.max_num_batched_tokens, []
         for seq in self.running:
             n = min(len(seq) - seq.num_cached_tokens, budget)
-            if n > 0:
-                plan.append(Scheduled(seq, n))
-                budget -= n
+            if n <= 0:
+                continue
+            k = len(seq.draft_token_ids)
+            if n == 1 and k and (1 + k > budget or not self.blocks.reserve(seq, len(seq) + k)):
+                seq.draft_token_ids, k = [], 0  # no room to verify: decode one token this step
+            plan.append(Scheduled(seq, n + k if n == 1 else n, k if n == 1 else 0))
+            budget -= plan[-1].num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
                 break
             self.blocks.allocate(seq)
             self.waiting.popleft()
-            seq.status = Status.RUNNING
+            seq.status, seq.draft_token_ids = Status.RUNNING, []
             self.running.append(seq)
             n = min(len(seq) - seq.num_cached_tokens, budget)
             plan.append(Scheduled(seq, n))
             budget -= n
         return plan
 
-    def postprocess(self, plan: list[Scheduled], next_tokens: dict[int, int],
+    def postprocess(self, plan: list[Scheduled], new_tokens: dict[int, list[int]],
                     eos_token_id: int | None) -> list[Sequence]:
-        """Record the computed tokens, append each sampled token (next_tokens: seq_id → token), apply the
-        token-level stop rules, and return the sequences that finished this step."""
+        """Record the computed tokens, append each sequence's new tokens (seq_id → the accepted drafts and
+        one sampled token), apply the token-level stop rules, and return the sequences that finished."""
         finished = []
         for item in plan:
             seq = item.seq
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop: its work is discarded
                 continue
-            samples = item.samples
-            seq.num_cached_tokens += item.num_tokens
-            self.blocks.commit(seq)
-            if not samples:
-                continue
-            token = next_tokens[seq.seq_id]
-            seq.append(token)
-            reason = self._stop_reason(seq, token, eos_token_id)
-            if reason:
-                self.finish(seq, reason)
-                finished.append(seq)
-                continue
-            while not self.blocks.can_append(seq):
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is seq:
+            tokens = new_tokens.get(seq.seq_id, []) if item.samples else []
+            # rejected drafts were computed but are not part of the sequence: their slots get overwritten
+            seq.num_cached_tokens += item.num_kept(len(tokens))
+            seq.draft_token_ids = []
+            for token in tokens:
+                seq.append(token)
+                reason = self._stop_reason(seq, token, eos_token_id)
+                if reason:
+                    self.finish(seq, reason)
+                    finished.append(seq)
                     break
+                if seq.status is Status.RUNNING:
+                    self._make_room(seq)
             if seq.status is Status.RUNNING:
-                self.blocks.append(seq)
+                self.blocks.commit(seq)
         return finished
+
+    def _make_room(self, seq: Sequence) -> None:
+        """A block for seq's newest token, preempting the latest arrivals (possibly seq itself) if needed."""
+        while not self.blocks.can_append(seq):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return
+        self.blocks.append(seq)
 
     def _stop_reason(self, seq: Sequence, token: int, eos_token_id: int | None) -> str | None:
         p = seq.params
@@ -121,6 +138,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft_token_ids = []
         self.blocks.deallocate(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

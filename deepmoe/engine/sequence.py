@@ -3,7 +3,8 @@
 Plain records, no torch: the scheduler and block manager reason about sequences without touching device
 memory. `block_table` lists the KV-cache blocks holding the sequence's latents, in order;
 `num_cached_tokens` of its tokens already have their latents in the cache (prefix-cache hits and
-computed prefill chunks); the rest still has to go through the model.
+computed prefill chunks); the rest still has to go through the model. `draft_token_ids` are speculative
+guesses at the tokens after the last one (from the MTP layers), not yet part of the sequence.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.draft_token_ids: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: str | None = None  # "stop" or "length" once finished, "abort" if cancelled
 

@@ -29,10 +29,23 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, in), sorted by group, times their group's w[g] (G, out, in)ᵀ → (M, out)."""
+    if x.device.type == "cpu" and x.shape[0] <= w.shape[0] and not torch.compiler.is_compiling():
+        return _active_groups_mm(x, w, counts)
     if _grouped_mm_ok(x):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _padded_grouped_mm(x, w, counts)
+
+
+def _active_groups_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Decode on CPU: fewer rows than groups, so most experts are idle. One matmul per expert that has
+    rows reads only those experts' weights; CPU _grouped_mm costs ~2x more here (measured in decode)."""
+    out, start = x.new_empty(x.shape[0], w.shape[1]), 0
+    for g, c in enumerate(counts.tolist()):  # a host read is free on CPU
+        if c:
+            torch.mm(x[start:start + c], w[g].T, out=out[start:start + c])
+            start += c
+    return out
 
 
 def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

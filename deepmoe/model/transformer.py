@@ -73,15 +73,27 @@ class DeepSeekModel(nn.Module):
         """Training-time MTP: depth k's logits (B, T-k, vocab) at position i predict token i+k+1."""
         out, h = [], hidden
         T = input_ids.shape[1]
-        for k, module in enumerate(self.mtp, start=1):
+        for k in range(1, len(self.mtp) + 1):
             if T - k <= 0:
                 break
-            h = h[:, : T - k]
-            cos, sin = self.rope(T - k, 0, h.device)
-            h = module(h, self.model.embed_tokens(input_ids[:, k:]), cos, sin, router_out=router_out,
-                       capacity_factor=capacity_factor)
-            out.append(self.lm_head(module.shared_head.norm(h)))
+            h = self.mtp_hidden(k, h[:, : T - k], input_ids[:, k:], router_out=router_out,
+                                capacity_factor=capacity_factor)
+            out.append(self.mtp_head(k, h))
         return out
+
+    def mtp_hidden(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache | None = None,
+                   start_pos: int | torch.Tensor = 0, router_out: list[Routing] | None = None,
+                   capacity_factor: float | None = None) -> torch.Tensor:
+        """MTP depth `depth` (1-based) at positions start_pos ..: h_prev (B, T, d) is the previous depth's
+        output (the main model's final normed hidden state for depth 1), next_ids (B, T) the tokens `depth`
+        positions ahead → (B, T, d). Its cache layer is num_hidden_layers + depth - 1."""
+        cos, sin = self.rope(next_ids.shape[1], start_pos, h_prev.device)
+        return self.mtp[depth - 1](h_prev, self.model.embed_tokens(next_ids), cos, sin, cache, start_pos,
+                                   router_out=router_out, capacity_factor=capacity_factor)
+
+    def mtp_head(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        """Logits of MTP depth `depth` from its hidden state: at position i they predict token i+depth+1."""
+        return self.lm_head(self.mtp[depth - 1].shared_head.norm(h))
 
     # ---- parameters ----------------------------------------------------------------------------
     def reset_buffers(self) -> None:

@@ -11,8 +11,11 @@ from deepmoe.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 from .conftest import v2_config, v3_config
 
 
-@pytest.mark.parametrize("make_cfg", [v2_config, v3_config], ids=["v2", "v3"])
-def test_absorbed_equals_naive(make_cfg):
+@pytest.mark.parametrize("make_cfg,budget", [(v2_config, None), (v3_config, None), (v3_config, 600)],
+                         ids=["v2", "v3", "v3_query_slices"])
+def test_absorbed_equals_naive(make_cfg, budget, monkeypatch):
+    if budget:  # scores of 2·4·33 elements per query exceed 600: the queries go in slices of 2
+        monkeypatch.setattr("deepmoe.model.attention.SCORES_BUDGET", budget)
     cfg = make_cfg()
     torch.manual_seed(0)
     attn = MLA(cfg, 0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepmoe.checkpoint import save_pretrained
+from deepmoe.engine.kv_cache import budget_bytes, bytes_per_block
 from deepmoe.engine.llm import LLM, LLMEngine, decode_stable
 from deepmoe.engine.sampler import apply_penalties, filter_logits
 from deepmoe.engine.sequence import SamplingParams
@@ -112,3 +113,17 @@ def test_decode_stable_holds_back_a_split_character(parts):
     if len(ids) > 1:
         assert decode_stable(tok, ids[:1]) == ""
     assert decode_stable(tok, ids) == "é"
+
+
+def test_cache_budget_from_device_memory(parts):
+    gib = 2**30
+    # 80 GiB at 90%: 72 GiB, minus 30 GiB resident (weights, other processes) and a 2 GiB activation peak
+    assert budget_bytes(80 * gib, 30 * gib, 2 * gib, 0.9) == 40 * gib
+    with pytest.raises(ValueError, match="no memory left for the KV cache"):
+        budget_bytes(80 * gib, 70 * gib, 3 * gib, 0.9)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        budget_bytes(80 * gib, 0, 0, 1.5)
+    model, tok = parts  # on CPU the default is a fixed 256 MiB
+    engine = LLMEngine(model, tok, block_size=16)
+    per_block = bytes_per_block(model.config, 16, torch.float32)
+    assert len(engine.blocks.blocks) == 256 * 2**20 // per_block

@@ -129,6 +129,12 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep their contents; nothing new can hit them)."""
+        for block in self.blocks:
+            block.hash = None
+        self.by_hash.clear()
+
     # ---- internals -------------------------------------------------------------------------------
     def _take(self, block_id: int) -> Block:
         """Another user of a cached block (in use, or free but still holding its contents)."""

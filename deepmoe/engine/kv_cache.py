@@ -21,6 +21,20 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, layer
     return layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
 
 
+def budget_bytes(total: int, in_use: int, activation_peak: int, memory_fraction: float) -> int:
+    """Cache bytes for a device of `total` bytes: memory_fraction of it, minus what is in use already
+    (weights, other processes) and the activation peak of the largest step the scheduler can plan."""
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    budget = int(total * memory_fraction) - in_use - activation_peak
+    if budget <= 0:
+        gib = 2**30
+        raise ValueError(f"no memory left for the KV cache: {memory_fraction:.0%} of {total / gib:.1f} GiB, minus "
+                         f"{in_use / gib:.1f} GiB in use and a {activation_peak / gib:.1f} GiB activation peak; "
+                         "raise memory_fraction, lower max_num_batched_tokens, or use a smaller dtype")
+    return budget
+
+
 class PagedLatentCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device,
                  layers: int | None = None):

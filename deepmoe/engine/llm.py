@@ -16,8 +16,8 @@ import torch
 from ..checkpoint import load_pretrained
 from ..tokenizer import Tokenizer, load_tokenizer
 from .block_manager import BlockManager
-from .kv_cache import bytes_per_block
-from .model_runner import ModelRunner
+from .kv_cache import budget_bytes, bytes_per_block
+from .model_runner import ModelRunner, activation_peak
 from .sampler import sample
 from .scheduler import Scheduled, Scheduler
 from .sequence import SamplingParams, Sequence
@@ -61,8 +61,12 @@ def decode_stable(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer: Tokenizer, kv_cache_bytes: int = 256 * 2**20, block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, speculative: bool = False):
+    """kv_cache_bytes: the paged cache's size; None sizes it from the device: on CUDA, memory_fraction of
+    the GPU minus what is resident and the measured activation peak of the largest step; on CPU 256 MiB."""
+
+    def __init__(self, model, tokenizer: Tokenizer, kv_cache_bytes: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, speculative: bool = False,
+                 memory_fraction: float = 0.9):
         cfg = model.config
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding drafts with the model's MTP layers, and this model has none "
@@ -70,6 +74,9 @@ class LLMEngine:
         dtype = model.lm_head.weight.dtype
         layers = cfg.num_hidden_layers + (1 if speculative else 0)  # drafting caches MTP depth 1 as well
         per_block = bytes_per_block(cfg, block_size, dtype, layers)
+        if kv_cache_bytes is None:
+            kv_cache_bytes = self._default_cache_bytes(model, max_num_batched_tokens, block_size, layers,
+                                                       memory_fraction)
         num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is below one block ({per_block} bytes)")
@@ -82,6 +89,16 @@ class LLMEngine:
         self.logprobs: dict[int, list[dict[int, float]]] = {}
         self.draft_probs: dict[int, list[torch.Tensor | None]] = {}  # seq_id → q of each pending draft
         self.num_drafted = self.num_accepted = 0  # speculative decoding's acceptance statistics
+
+    @staticmethod
+    def _default_cache_bytes(model, max_num_batched_tokens: int, block_size: int, layers: int,
+                             memory_fraction: float) -> int:
+        device = model.lm_head.weight.device
+        if device.type != "cuda":
+            return 256 * 2**20
+        peak = activation_peak(model, max_num_batched_tokens, block_size, layers)
+        free, total = torch.cuda.mem_get_info(device)
+        return budget_bytes(total, total - free, peak, memory_fraction)
 
     @property
     def acceptance_rate(self) -> float:
@@ -192,13 +209,13 @@ class LLMEngine:
 
 class LLM:
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None,
-                 kv_cache_bytes: int = 256 * 2**20, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, speculative: bool = False):
+                 kv_cache_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, speculative: bool = False, memory_fraction: float = 0.9):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=speculative)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = LLMEngine(model, self.tokenizer, kv_cache_bytes, block_size, max_num_seqs,
-                                max_num_batched_tokens, speculative)
+                                max_num_batched_tokens, speculative, memory_fraction)
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, or a list of either. Results come back in prompt order."""

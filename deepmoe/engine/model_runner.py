@@ -21,6 +21,27 @@ from .sequence import Sequence
 SHORT_ROW = 4  # rows of at most this many tokens share one padded forward; longer ones run alone
 
 
+@torch.inference_mode()
+def activation_peak(model: DeepSeekModel, num_tokens: int, block_size: int, layers: int) -> int:
+    """CUDA bytes a forward of the largest step allocates beyond what is resident: one prefill chunk of
+    num_tokens through a scratch cache just big enough (its size counted in, as a safety margin)."""
+    device = model.lm_head.weight.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    blocks = -(-num_tokens // block_size)
+    cache = PagedLatentCache(model.config, blocks, block_size, model.lm_head.weight.dtype, device, layers)
+    batch = cache.batch([list(range(blocks))], [0], [num_tokens])
+    hidden = model.hidden_states(torch.zeros(1, num_tokens, dtype=torch.long, device=device), cache=batch,
+                                 start_pos=torch.zeros(1, dtype=torch.long, device=device))
+    model.lm_head(hidden[:, -1]).float()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del cache, batch, hidden
+    torch.cuda.empty_cache()
+    return peak
+
+
 class ModelRunner:
     def __init__(self, model: DeepSeekModel, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
                  draft_layers: int = 0):

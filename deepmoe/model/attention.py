@@ -21,6 +21,8 @@ from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
+SCORES_BUDGET = 2**26  # attention scores held at once in absorbed form (fp32 elements: 256 MiB)
+
 
 class LatentCache(Protocol):
     """What the model needs from a KV cache; allocation and layout belong to the caller."""
@@ -99,15 +101,26 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
         # batched matmuls over (B, H): cheaper to dispatch than einsum at decode sizes
         q_lat = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, r): the query in latent space
-        scores = q_lat @ c_kv.unsqueeze(1).mT + q_pe.transpose(1, 2) @ k_pe.unsqueeze(1).mT  # (B, H, T, S)
-        scores = scores.float() * self.scale
-        offsets = torch.arange(T, device=scores.device)
-        if isinstance(start_pos, torch.Tensor):
-            q_pos = start_pos.to(scores.device)[:, None, None] + offsets[:, None]  # (B, T, 1)
-            visible = (torch.arange(S, device=scores.device) <= q_pos).unsqueeze(1)  # (B, 1, T, S)
-        else:
-            visible = torch.arange(S, device=scores.device) <= (start_pos + offsets)[:, None]  # (T, S)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = probs @ c_kv.unsqueeze(1)  # (B, H, T, r)
+        q_pe = q_pe.transpose(1, 2)  # (B, H, T, d_rope)
+        # a long prefill chunk over a long history would materialise all (B, H, T, S) scores at once:
+        # take the queries in slices so the scores stay under SCORES_BUDGET elements
+        step = max(1, SCORES_BUDGET // (B * H * S))
+        o_lat = torch.cat([self._attend_latent(q_lat[:, :, i:i + step], q_pe[:, :, i:i + step], c_kv, k_pe,
+                                               start_pos, i) for i in range(0, T, step)], dim=2)
         return (o_lat @ w_uv.mT).transpose(1, 2)  # (B, T, H, v)
+
+    def _attend_latent(self, q_lat, q_pe, c_kv, k_pe, start_pos: int | torch.Tensor, first: int) -> torch.Tensor:
+        """Queries first .. first+t-1 of this call (B, H, t, ·) over the latent keys (B, S, ·) → (B, H, t, r)."""
+        t, S = q_lat.shape[2], c_kv.shape[1]
+        scores = q_lat @ c_kv.unsqueeze(1).mT + q_pe @ k_pe.unsqueeze(1).mT  # (B, H, t, S)
+        scores = scores.float() * self.scale
+        # query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i; with per-row
+        # starts (B,) the mask is per row, which also hides a shorter row's padding keys
+        offsets = torch.arange(first, first + t, device=scores.device)
+        if isinstance(start_pos, torch.Tensor):
+            q_pos = start_pos.to(scores.device)[:, None, None] + offsets[:, None]  # (B, t, 1)
+            visible = (torch.arange(S, device=scores.device) <= q_pos).unsqueeze(1)  # (B, 1, t, S)
+        else:
+            visible = torch.arange(S, device=scores.device) <= (start_pos + offsets)[:, None]  # (t, S)
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(c_kv.dtype)
+        return probs @ c_kv.unsqueeze(1)  # (B, H, t, r)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .engine.sampler import filter_logits
+from .engine.sequence import SamplingParams
 from .model import DeepSeekModel
 
 
@@ -35,20 +37,11 @@ class ContiguousLatentCache:
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) → next token ids (B,). temperature 0 is greedy."""
+    """logits (B, V) → next token ids (B,). temperature 0 is greedy. The filters are the engine's."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    probs = filter_logits(logits.float(), params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

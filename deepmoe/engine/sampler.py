@@ -27,19 +27,19 @@ def apply_penalties(logits: torch.Tensor, history: list[int], prompt_len: int, p
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature-scaled logits (V,) with everything outside top-k, top-p and min-p set to -inf."""
+    """Temperature-scaled logits (..., V) with everything outside top-k, top-p and min-p set to -inf."""
     logits = logits / p.temperature
     if p.top_k > 0:
-        kth = logits.topk(min(p.top_k, logits.numel())).values[-1]
+        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.min_p > 0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= p.top_p  # mass before a token already reaches top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits
 
 

@@ -60,6 +60,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        from .serve.app import build_app, run
+    except ImportError as e:
+        print(f"deepmoe serve: error: {e}; install the server's dependencies with: pip install 'deepmoe[serve]'",
+              file=sys.stderr)
+        return 2
+    from .engine.llm import LLM
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype,
+              kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative)
+    name = args.served_model_name or Path(args.model).resolve().name
+    api_key = args.api_key or os.environ.get("DEEPMOE_API_KEY") or None
+    run(build_app(llm.engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes), args.host, args.port)
+    return 0
+
+
 # ---- train / eval ---------------------------------------------------------------------------------
 # help text per TrainConfig field; flags are --field-name, types come from the dataclass
 TRAIN_HELP = {
@@ -238,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", type=_dtype, default="fp32")
     ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    srv.add_argument("model", metavar="MODEL_DIR")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000, help="default: 8000")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DEEPMOE_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL_DIR's name)")
+    srv.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    srv.add_argument("--dtype", type=_dtype, default=None, help="default: fp32 for an fp32 checkpoint, else bf16")
+    srv.add_argument("--kv-cache-mb", type=int, default=None,
+                     help="memory of the paged KV cache (default: what the GPU has left, 256 on CPU)")
+    srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default: 64)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (default: 2048)")
+    srv.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger bodies get 413 (default: 1 MiB)")
+    srv.set_defaults(func=cmd_serve)
     return p
 
 

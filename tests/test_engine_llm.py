@@ -127,3 +127,13 @@ def test_cache_budget_from_device_memory(parts):
     engine = LLMEngine(model, tok, block_size=16)
     per_block = bytes_per_block(model.config, 16, torch.float32)
     assert len(engine.blocks.blocks) == 256 * 2**20 // per_block
+
+
+def test_bad_prompts_are_refused_before_they_reach_a_batch(parts):
+    model, tok = parts
+    engine = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add([5, model.config.vocab_size], SamplingParams(), "bad")
+    with pytest.raises(ValueError, match="context"):
+        engine.add([5] * model.config.max_position_embeddings, SamplingParams(), "long")
+    assert not engine.scheduler.has_unfinished()

@@ -101,6 +101,14 @@ class LLMEngine:
         return budget_bytes(total, total - free, peak, memory_fraction)
 
     @property
+    def vocab_size(self) -> int:
+        return self.runner.model.config.vocab_size
+
+    def token_logprobs(self, seq: Sequence) -> list[dict[int, float]]:
+        """The logprobs recorded so far for seq (when its request asked for them), one dict per token."""
+        return self.logprobs.get(seq.seq_id, [])
+
+    @property
     def acceptance_rate(self) -> float:
         return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
 
@@ -108,6 +116,9 @@ class LLMEngine:
         limit = self.scheduler.max_model_len
         if limit is not None and len(prompt_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:  # an embedding lookup out of range would fail the whole batch's step, not just this request
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         seq = Sequence(prompt_ids, params, request_id)
         gen = None
         if params.seed is not None:

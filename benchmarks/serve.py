@@ -1,0 +1,162 @@
+"""Serving throughput: N concurrent streamed completions against `deepmoe serve` vs transformers' batched
+`generate` on the same prompts, in one process.
+
+The server runs in this process on a free loopback port (the real FastAPI app, engine thread and SSE
+path); a load generator opens N streams at once, each a different random prompt of --prompt-len tokens
+asking for exactly --new-tokens tokens (eos ignored). Reported: generated tokens/s over the whole burst,
+time to first token and end-to-end latency percentiles. The reference is transformers generating the
+same N prompts as one padded-free batch (all prompts have the same length).
+
+    python benchmarks/serve.py                                   # tiny, random weights, CPU
+    python benchmarks/serve.py --model runs/tiny/final --requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+from deepmoe.checkpoint import load_pretrained, save_pretrained
+from deepmoe.config import ModelConfig
+from deepmoe.data.corpus import stdlib_documents
+from deepmoe.engine.llm import LLMEngine
+from deepmoe.model import build_model
+from deepmoe.tokenizer import load_tokenizer, train_bpe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(app, port: int):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread
+
+
+async def one_stream(client, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """→ (time to first token, total latency, tokens received) of one streamed completion."""
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and ttft is None:
+            ttft = time.perf_counter() - t0
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return ttft or 0.0, time.perf_counter() - t0, tokens
+
+
+async def burst(port: int, prompts: list[list[int]], new_tokens: int) -> tuple[float, list]:
+    """All prompts at once from the official openai client; → wall seconds and per-request results."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one_stream(client, p, new_tokens) for p in prompts))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return wall, results
+
+
+def pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a model directory (default: random weights of --preset)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hf-impl", default="eager", help="transformers experts_implementation")
+    args = p.parse_args(argv)
+    import transformers
+
+    from deepmoe.serve.app import build_app
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            cfg = ModelConfig.from_preset(args.preset).replace(num_nextn_predict_layers=0)
+            save_pretrained(build_model(cfg, seed=0), tmp)
+            path = tmp
+        ours = load_pretrained(path, device=device, dtype=dtype, load_mtp=False)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                               experts_implementation=args.hf_impl).to(device).eval()
+    if args.model:
+        tok = load_tokenizer(args.model)
+    else:  # a tokenizer covering the model's vocabulary, so every token streams as text (TTFT is measurable)
+        files = stdlib_documents()[:300]
+        tok = train_bpe((f.read_text(errors="replace") for f in files), ours.config.vocab_size)
+    engine = LLMEngine(ours, tok, max_num_seqs=args.requests, kv_cache_bytes=None if device.type == "cuda" else 2**28)
+    server, thread = start_server(build_app(engine, "bench"), port := free_port())
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, ours.config.vocab_size, (args.requests, args.prompt_len), generator=g)
+
+    def run_ours() -> tuple[float, list]:
+        engine.blocks.reset_prefix_cache()  # (the engine thread is idle between bursts)
+        return asyncio.run(burst(port, prompts.tolist(), args.new_tokens))
+
+    def run_hf() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(prompts.to(device), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                              do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == args.prompt_len + args.new_tokens
+        return time.perf_counter() - t0
+
+    run_ours()  # warm up both
+    run_hf()
+    ours_t, hf_t, lat = [], [], None
+    for _ in range(args.rounds):
+        wall, results = run_ours()
+        assert all(n == args.new_tokens for _, _, n in results), "a stream ended early"
+        ours_t.append(wall)
+        lat = results
+        hf_t.append(run_hf())
+    server.should_exit = True
+    thread.join(30)
+    total = args.requests * args.new_tokens
+    ours_rate, hf_rate = total / statistics.median(ours_t), total / statistics.median(hf_t)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {where}, {path if args.model else args.preset + ' (random weights)'}, {args.requests} concurrent "
+          f"requests, prompt {args.prompt_len}, {args.new_tokens} new tokens each, {str(dtype).removeprefix('torch.')}")
+    ttft, e2e = [r[0] for r in lat], [r[1] for r in lat]
+    print(f"deepmoe serve  {ours_rate:8.1f} tok/s over HTTP/SSE (median of {args.rounds} bursts); TTFT p50 "
+          f"{pct(ttft, .5) * 1e3:.0f} ms p99 {pct(ttft, .99) * 1e3:.0f} ms; latency p50 {pct(e2e, .5):.2f} s "
+          f"p99 {pct(e2e, .99):.2f} s")
+    print(f"transformers   {hf_rate:8.1f} tok/s (batched generate, {args.hf_impl}, no server)")
+    print(f"deepmoe serve / transformers: {ours_rate / hf_rate:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,3 +173,15 @@ def test_abort_and_oversized_prompt():
     sch.finish(s, "abort")
     assert s.status is Status.FINISHED and s.finish_reason == "abort" and not sch.has_unfinished()
     assert bm.num_free_blocks == 4
+
+
+def test_prefill_rows_of_similar_length_share_a_forward():
+    from deepmoe.engine.model_runner import batch_rows
+
+    assert batch_rows([1, 1, 2, 1]) == [[0, 1, 2, 3]]  # decodes and drafts: one pass
+    assert batch_rows([32] * 5 + [1]) == [[5], [0, 1, 2, 3, 4]]  # equal prompts: one pass, no padding
+    groups = batch_rows([100, 10, 12, 90, 11, 1000, 2])
+    assert groups == [[6], [1, 4, 2], [3, 0], [5]]  # sorted by length, padding ≤ 25% per pass
+    for g in groups[1:]:
+        lengths = [[100, 10, 12, 90, 11, 1000, 2][i] for i in g]
+        assert len(g) * max(lengths) <= 1.25 * sum(lengths)

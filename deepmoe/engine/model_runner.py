@@ -1,8 +1,8 @@
 """Executes a scheduler plan on the model: the only part of the engine that touches device memory.
 
 Short rows (decodes, a decode plus its draft tokens) run together as one padded batch with per-row
-positions; every longer prefill chunk runs as its own forward pass, so no prompt is padded to another's
-length. Attention always runs in absorbed form over the paged latent cache. The runner returns hidden
+positions; prefill chunks of similar length share a forward pass, with padding kept under a quarter of
+the tokens. Attention always runs in absorbed form over the paged latent cache. The runner returns hidden
 states; the engine picks which positions need logits (one per sampling sequence, more when drafts are
 verified). With MTP drafting, the MTP layer runs over the same positions once their next token is known.
 """
@@ -18,7 +18,23 @@ from .kv_cache import PagedBatch, PagedLatentCache
 from .scheduler import Scheduled
 from .sequence import Sequence
 
-SHORT_ROW = 4  # rows of at most this many tokens share one padded forward; longer ones run alone
+SHORT_ROW = 4  # rows of at most this many tokens (decodes, drafts) always share one padded forward
+MAX_PADDING = 0.25  # longer rows (prefill chunks) share a forward while padding stays under this fraction
+
+
+def batch_rows(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped into padded forward passes: all short rows together; prefill chunks sorted by
+    length, each joining the current group while padding to its length wastes at most MAX_PADDING of
+    the group's tokens (many similar prompts arriving together prefill in one pass)."""
+    short = [i for i, n in enumerate(lengths) if n <= SHORT_ROW]
+    groups, group, tokens = [short] if short else [], [], 0
+    for i in sorted((i for i, n in enumerate(lengths) if n > SHORT_ROW), key=lengths.__getitem__):
+        if group and (len(group) + 1) * lengths[i] > (1 + MAX_PADDING) * (tokens + lengths[i]):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(i)
+        tokens += lengths[i]
+    return groups + ([group] if group else [])
 
 
 @torch.inference_mode()
@@ -93,9 +109,7 @@ class ModelRunner:
         """Row b computes tokens[b] at positions starts[b] ..; forward(ids (b, T), PagedBatch, starts (b,),
         row indices) → (b, T, d). Returns each row's (len(tokens[b]), d) unpadded."""
         out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
-        short = [i for i, t in enumerate(tokens) if len(t) <= SHORT_ROW]
-        groups = [[i] for i, t in enumerate(tokens) if len(t) > SHORT_ROW] + ([short] if short else [])
-        for rows in groups:
+        for rows in batch_rows([len(t) for t in tokens]):
             T = max(len(tokens[i]) for i in rows)
             ids = torch.tensor([tokens[i] + [0] * (T - len(tokens[i])) for i in rows], device=self.device)
             batch: PagedBatch = self.cache.batch([seqs[i].block_table for i in rows], [starts[i] for i in rows],

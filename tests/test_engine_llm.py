@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from deepmoe.checkpoint import save_pretrained
+from deepmoe.engine.detokenizer import IncrementalDetokenizer, decode_stable
 from deepmoe.engine.kv_cache import budget_bytes, bytes_per_block
-from deepmoe.engine.llm import LLM, LLMEngine, decode_stable
+from deepmoe.engine.llm import LLM, LLMEngine
 from deepmoe.engine.sampler import apply_penalties, filter_logits
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.model import build_model
@@ -113,6 +114,18 @@ def test_decode_stable_holds_back_a_split_character(parts):
     if len(ids) > 1:
         assert decode_stable(tok, ids[:1]) == ""
     assert decode_stable(tok, ids) == "é"
+
+
+def test_incremental_detokenizer_equals_full_decode(parts):
+    _, tok = parts
+    text = "def f(x):\n    return 'héllo wörld ✓ 日本'  # ok\n"
+    ids = tok.encode(text)
+    detok, seen = IncrementalDetokenizer(tok), []
+    for n in range(1, len(ids) + 1):
+        seen.append(detok.update(ids[:n]))
+        assert "\ufffd" not in seen[-1] and text.startswith(seen[-1])  # never half a character
+    assert seen[-1] == text
+    assert any(len(b) == len(a) for a, b in zip(seen, seen[1:]))  # some tokens ended inside a character
 
 
 def test_cache_budget_from_device_memory(parts):

@@ -18,7 +18,8 @@ import torch
 
 import deepmoe.engine.llm as llm_module
 from deepmoe.checkpoint import save_pretrained
-from deepmoe.engine.llm import LLM, LLMEngine, decode_stable
+from deepmoe.engine.detokenizer import decode_stable
+from deepmoe.engine.llm import LLM, LLMEngine
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 

@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import load_pretrained
 from ..tokenizer import Tokenizer, load_tokenizer
 from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer, decode_stable, first_stop
 from .kv_cache import budget_bytes, bytes_per_block
 from .model_runner import ModelRunner, activation_peak
 from .sampler import sample
@@ -53,13 +54,6 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-def decode_stable(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """Text of ids without a trailing incomplete UTF-8 character (it decodes to U+FFFD until the next
-    token completes it), so streamed text never shows a broken character."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text[:-1] if text.endswith("\ufffd") else text
-
-
 class LLMEngine:
     """kv_cache_bytes: the paged cache's size; None sizes it from the device: on CUDA, memory_fraction of
     the GPU minus what is resident and the measured activation peak of the largest step; on CPU 256 MiB."""
@@ -88,6 +82,7 @@ class LLMEngine:
         self.generators: dict[int, torch.Generator | None] = {}
         self.logprobs: dict[int, list[dict[int, float]]] = {}
         self.draft_probs: dict[int, list[torch.Tensor | None]] = {}  # seq_id → q of each pending draft
+        self.texts: dict[int, IncrementalDetokenizer] = {}
         self.num_drafted = self.num_accepted = 0  # speculative decoding's acceptance statistics
 
     @staticmethod
@@ -125,6 +120,7 @@ class LLMEngine:
             gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
         self.generators[seq.seq_id] = gen
         self.logprobs[seq.seq_id] = []
+        self.texts[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
         return seq
 
@@ -143,7 +139,7 @@ class LLMEngine:
         finished = self.scheduler.postprocess(plan, new_tokens, self.tokenizer.eos_id)
         for item in sampling:  # stop strings: end the sequence and cut the text at the first match
             s = item.seq
-            if not s.is_finished and s.params.stop and self._stop_string(s) is not None:
+            if not s.is_finished and s.params.stop and first_stop(self.text(s), s.params.stop) is not None:
                 self.scheduler.finish(s, "stop")
                 finished.append(s)
         for seq_id, (seq, token, q) in drafts.items():
@@ -191,31 +187,32 @@ class LLMEngine:
                 out[s.seq_id] = (s, token, q)
         return out
 
+    def text(self, seq: Sequence) -> str:
+        """The completion's text so far, never ending inside a character; decodes only the new tokens."""
+        return self.texts[seq.seq_id].update(seq.completion_token_ids)
+
     def abort(self, seq: Sequence) -> None:
         """Cancel a request (a client went away): its blocks go back to the pool at once."""
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
-        self.generators.pop(seq.seq_id, None)
-        self.logprobs.pop(seq.seq_id, None)
-        self.draft_probs.pop(seq.seq_id, None)
-
-    def _stop_string(self, seq: Sequence) -> int | None:
-        text = decode_stable(self.tokenizer, seq.completion_token_ids)
-        hits = [text.find(s) for s in seq.params.stop if s and s in text]
-        return min(hits) if hits else None
+        self._forget(seq)
 
     def output(self, seq: Sequence, index: int) -> CompletionOutput:
+        """The finished sequence's result: eos stripped, the text cut at the first stop string."""
         ids = seq.completion_token_ids
         if ids and seq.finish_reason == "stop" and ids[-1] == self.tokenizer.eos_id:
             ids = ids[:-1]  # eos is how it stopped, not part of the text
         text = decode_stable(self.tokenizer, ids)
-        cut = self._stop_string(seq) if seq.params.stop else None
+        cut = first_stop(text, seq.params.stop)
         if cut is not None:
             text = text[:cut]
-        lp = self.logprobs.pop(seq.seq_id) if seq.params.logprobs is not None else None
-        self.generators.pop(seq.seq_id, None)
-        self.draft_probs.pop(seq.seq_id, None)
+        lp = self.logprobs.get(seq.seq_id) if seq.params.logprobs is not None else None
+        self._forget(seq)
         return CompletionOutput(index, text, ids, seq.finish_reason, lp)
+
+    def _forget(self, seq: Sequence) -> None:
+        for per_seq in (self.generators, self.logprobs, self.draft_probs, self.texts):
+            per_seq.pop(seq.seq_id, None)
 
 
 class LLM:

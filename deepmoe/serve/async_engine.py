@@ -20,7 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..engine.llm import LLMEngine, decode_stable
+from ..engine.detokenizer import decode_stable
+from ..engine.llm import LLMEngine
 from ..engine.sequence import SamplingParams, Sequence
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -256,7 +257,7 @@ class AsyncEngine:
             return Delta(c.index, out.text[len(c.sent):], entries, out.finish_reason, len(out.token_ids))
         if not (req.stream and grew):
             return None
-        text = streamable(decode_stable(self.tokenizer, seq.completion_token_ids), [s for s in req.params.stop if s])
+        text = streamable(self.engine.text(seq), [s for s in req.params.stop if s])
         if len(text) <= len(c.sent):
             return None
         delta, c.sent = text[len(c.sent):], text

@@ -9,7 +9,7 @@ from deepmoe.checkpoint import save_pretrained
 from deepmoe.engine.detokenizer import IncrementalDetokenizer, decode_stable
 from deepmoe.engine.kv_cache import budget_bytes, bytes_per_block
 from deepmoe.engine.llm import LLM, LLMEngine
-from deepmoe.engine.sampler import apply_penalties, filter_logits
+from deepmoe.engine.sampler import apply_penalties, filter_logits, sample
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
@@ -114,6 +114,18 @@ def test_decode_stable_holds_back_a_split_character(parts):
     if len(ids) > 1:
         assert decode_stable(tok, ids[:1]) == ""
     assert decode_stable(tok, ids) == "é"
+
+
+def test_batched_sample_treats_each_row_by_its_own_parameters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]] * 3)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=2.0),
+              SamplingParams(temperature=1.0, top_k=1)]
+    tokens, logps = sample(logits, params, [[0, 1], [0, 1], [0, 1]], [1, 1, 1], [None, None, None])
+    assert tokens == [1, 2, 1]  # plain argmax; token 1 penalised (3.0 → 1.5) so 2 wins; top-1 sampling
+    assert logps.shape == (3, 4)
+    torch.testing.assert_close(logps[0], logits[0].log_softmax(-1))
+    assert logps[1, 1] < logps[1, 2]  # logprobs are after penalties
+    assert logits[1, 1] == 3.0  # the caller's logits are untouched
 
 
 def test_incremental_detokenizer_equals_full_decode(parts):

@@ -133,8 +133,17 @@ class LLMEngine:
         if sampling:  # logits only where a token is chosen: the last pending token and each draft
             rows = [hidden[item.seq.seq_id][-1 - item.num_draft:] for item in sampling]
             logits = self.runner.logits(torch.cat(rows)).split([len(r) for r in rows])
+            plain = [(item, lg[0]) for item, lg in zip(sampling, logits) if not item.num_draft]
+            if plain:  # one batched call: a single device→host copy of the greedy tokens
+                seqs = [item.seq for item, _ in plain]
+                tokens, logps = sample(torch.stack([lg for _, lg in plain]), [s.params for s in seqs],
+                                       [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
+                                       [self.generators[s.seq_id] for s in seqs])
+                for s, tok, lp in zip(seqs, tokens, logps):
+                    new_tokens[s.seq_id] = self._record(s, [tok], [lp])
             for item, lg in zip(sampling, logits):
-                new_tokens[item.seq.seq_id] = self._choose(item, lg)
+                if item.num_draft:
+                    new_tokens[item.seq.seq_id] = self._verify(item, lg)
         drafts = self._draft(plan, hidden, new_tokens) if self.speculative else {}
         finished = self.scheduler.postprocess(plan, new_tokens, self.tokenizer.eos_id)
         for item in sampling:  # stop strings: end the sequence and cut the text at the first match
@@ -147,20 +156,22 @@ class LLMEngine:
                 seq.draft_token_ids, self.draft_probs[seq_id] = [token], [q]
         return finished
 
-    def _choose(self, item: Scheduled, logits: torch.Tensor) -> list[int]:
-        """New tokens of one sampling sequence from its logits (1 + num_draft, V), recording logprobs."""
-        s, gen = item.seq, self.generators[item.seq.seq_id]
-        if item.num_draft:
-            tokens, logps = verify(logits, s.params, s.token_ids, s.num_prompt_tokens, s.draft_token_ids,
-                                   self.draft_probs.pop(s.seq_id), gen)
-            self.num_drafted += item.num_draft
-            self.num_accepted += len(tokens) - 1
-        else:
-            tokens, logps = sample(logits, [s.params], [s.token_ids], [s.num_prompt_tokens], [gen])
-        if s.params.logprobs is not None:
+    def _verify(self, item: Scheduled, logits: torch.Tensor) -> list[int]:
+        """New tokens of a sequence with drafts, from the target logits (1 + num_draft, V)."""
+        s = item.seq
+        tokens, logps = verify(logits, s.params, s.token_ids, s.num_prompt_tokens, s.draft_token_ids,
+                               self.draft_probs.pop(s.seq_id), self.generators[s.seq_id])
+        self.num_drafted += item.num_draft
+        self.num_accepted += len(tokens) - 1
+        return self._record(s, tokens, logps)
+
+    def _record(self, seq: Sequence, tokens: list[int], logps) -> list[int]:
+        """Keep the logprobs of seq's new tokens (chosen and top alternatives) when its request wants them."""
+        k = seq.params.logprobs
+        if k is not None:
             for tok, lp in zip(tokens, logps):
-                top = lp.topk(s.params.logprobs).indices.tolist() if s.params.logprobs else []
-                self.logprobs[s.seq_id].append({t: float(lp[t]) for t in [tok, *top]})
+                top = lp.topk(k).indices.tolist() if k else []
+                self.logprobs[seq.seq_id].append({t: float(lp[t]) for t in [tok, *top]})
         return tokens
 
     def _draft(self, plan: list[Scheduled], hidden: dict[int, torch.Tensor], new_tokens: dict[int, list[int]]

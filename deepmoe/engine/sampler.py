@@ -58,12 +58,19 @@ def draw(logprobs: torch.Tensor, probs: torch.Tensor | None, generator: torch.Ge
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]], prompt_lens: list[int],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[torch.Tensor]]:
-    """logits (B, V) → one token per row, and each row's log-probabilities (V,) of the distribution it was
-    drawn from after penalties (before filtering), for logprobs."""
-    tokens, logprobs = [], []
-    for row, p, hist, plen, gen in zip(logits, params, histories, prompt_lens, generators):
-        logp, probs = distribution(row, p, hist, plen)
-        tokens.append(draw(logp, probs, gen))
-        logprobs.append(logp)
-    return tokens, logprobs
+           generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor]:
+    """logits (B, V) → one token per row, and each row's log-probabilities (B, V) of the distribution it was
+    drawn from after penalties (before filtering), for logprobs. Penalties and draws are per row (each
+    request has its own parameters and generator); greedy rows take one batched argmax."""
+    logits = logits.float()
+    penalised = [b for b, p in enumerate(params)
+                 if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
+    if penalised:
+        logits = logits.clone()
+        for b in penalised:
+            logits[b] = apply_penalties(logits[b], histories[b], prompt_lens[b], params[b])
+    tokens = logits.argmax(-1).tolist()  # the greedy rows' answer; sampled rows overwrite theirs
+    for b, (p, gen) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            tokens[b] = draw(logits[b], filter_logits(logits[b], p).softmax(-1), gen)
+    return tokens, logits.log_softmax(-1)

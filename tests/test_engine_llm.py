@@ -9,6 +9,7 @@ from deepmoe.checkpoint import save_pretrained
 from deepmoe.engine.detokenizer import IncrementalDetokenizer, decode_stable
 from deepmoe.engine.kv_cache import budget_bytes, bytes_per_block
 from deepmoe.engine.llm import LLM, LLMEngine
+from deepmoe.engine.model_runner import cpu_decode_layout
 from deepmoe.engine.sampler import apply_penalties, filter_logits, sample
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.model import build_model
@@ -162,3 +163,21 @@ def test_bad_prompts_are_refused_before_they_reach_a_batch(parts):
     with pytest.raises(ValueError, match="context"):
         engine.add([5] * model.config.max_position_embeddings, SamplingParams(), "long")
     assert not engine.scheduler.has_unfinished()
+
+
+def test_cpu_decode_layout_keeps_values_and_outputs():
+    cfg = v3_config(num_nextn_predict_layers=0, rope_scaling=None)
+    model = build_model(cfg, seed=3).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model(x)
+        params = {n: p.clone() for n, p in model.named_parameters()}
+        cpu_decode_layout(model)
+        after = model(x)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n  # same values and shapes, only the strides move
+    q = model.model.layers[0].self_attn.q_a_proj.weight
+    assert q.t().is_contiguous() and not q.is_contiguous()
+    assert model.model.layers[1].mlp.experts.gate_proj[0].t().is_contiguous()
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.is_contiguous()  # viewed per head: left alone
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

@@ -56,7 +56,9 @@ class RequestOutput:
 
 class LLMEngine:
     """kv_cache_bytes: the paged cache's size; None sizes it from the device: on CUDA, memory_fraction of
-    the GPU minus what is resident and the measured activation peak of the largest step; on CPU 256 MiB."""
+    the GPU minus what is resident and the measured activation peak of the largest step; on CPU 256 MiB.
+    On CPU the engine re-lays out the model's projection weights for fast decoding (same values and
+    shapes; see model_runner.cpu_decode_layout)."""
 
     def __init__(self, model, tokenizer: Tokenizer, kv_cache_bytes: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, speculative: bool = False,

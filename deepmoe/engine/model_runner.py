@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..model import DeepSeekModel
+from ..model.experts import Experts
 from .kv_cache import PagedBatch, PagedLatentCache
 from .scheduler import Scheduled
 from .sequence import Sequence
@@ -58,12 +60,30 @@ def activation_peak(model: DeepSeekModel, num_tokens: int, block_size: int, laye
     return peak
 
 
+def cpu_decode_layout(model: DeepSeekModel) -> None:
+    """Store each projection's weight (out, in) as the transpose of a contiguous (in, out) matrix: the
+    same values and shape, other strides. At decode sizes torch's CPU kernels then run x·Wᵀ as a
+    row-major GEMV that streams the weights ~2.5x faster (measured on this project's 2-core CI machine:
+    19 vs 7.4 GB/s on a 64 MiB matrix). kv_b_proj is left alone (absorbed attention views it per head),
+    and so is a head tied to the embedding (row lookups want rows contiguous)."""
+    tied = model.model.embed_tokens.weight
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.weight is not tied and not name.endswith("kv_b_proj"):
+                module.weight.data = module.weight.data.t().contiguous().t()
+            elif isinstance(module, Experts):
+                for p in (module.gate_proj, module.up_proj, module.down_proj):
+                    p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 class ModelRunner:
     def __init__(self, model: DeepSeekModel, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
                  draft_layers: int = 0):
         self.model = model.eval()
         p = model.lm_head.weight
         self.device = p.device
+        if self.device.type == "cpu":
+            cpu_decode_layout(model)
         layers = model.config.num_hidden_layers + draft_layers
         self.cache = PagedLatentCache(model.config, num_blocks, block_size, dtype or p.dtype, p.device, layers)
 

@@ -15,55 +15,32 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 
 import torch
-from timing import time_calls  # benchmarks/timing.py (the script's folder is on sys.path)
+from contenders import add_model_args, load_contenders  # benchmarks/ (the script's folder is on sys.path)
+from timing import time_calls
 
-from deepmoe.checkpoint import save_pretrained
-from deepmoe.config import ModelConfig
 from deepmoe.engine.llm import LLMEngine
 from deepmoe.engine.sequence import SamplingParams
-from deepmoe.model import build_model
 from deepmoe.tokenizer import load_tokenizer, train_bpe
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a model directory (default: random weights of --preset)")
-    p.add_argument("--preset", default="tiny")
+    add_model_args(p)
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens (without --prompt)")
     p.add_argument("--prompt", help="a text prompt, encoded with the model directory's tokenizer")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--hf-impl", default="eager", help="transformers experts_implementation")
     args = p.parse_args(argv)
-    import transformers
-
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        if path is None:
-            cfg = ModelConfig.from_preset(args.preset).replace(num_nextn_predict_layers=0)
-            save_pretrained(build_model(cfg, seed=0), tmp)
-            path = tmp
-        from deepmoe.checkpoint import load_pretrained
-
-        ours = load_pretrained(path, device=device, dtype=dtype, load_mtp=False)
-        drafting = load_pretrained(path, device=device, dtype=dtype) if args.model else None
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                               experts_implementation=args.hf_impl).to(device).eval()
+    models = load_contenders(args, with_mtp=True)
+    device, dtype, ours, hf = models.device, models.dtype, models.ours, models.hf
     # the engine needs a tokenizer for eos/decoding only; eos is ignored here
     tok = load_tokenizer(args.model) if args.model else train_bpe(["x"], 300)
-    engines = {"deepmoe": LLMEngine(ours, tok, kv_cache_bytes=64 * 2**20, block_size=16, max_num_seqs=1)}
-    if drafting is not None and len(drafting.mtp):
-        engines["deepmoe+MTP"] = LLMEngine(drafting, tok, kv_cache_bytes=64 * 2**20, block_size=16, max_num_seqs=1,
-                                           speculative=True)
+    batch1 = dict(kv_cache_bytes=64 * 2**20, block_size=16, max_num_seqs=1)
+    engines = {"deepmoe": LLMEngine(ours, tok, **batch1)}
+    if models.drafting is not None:
+        engines["deepmoe+MTP"] = LLMEngine(models.drafting, tok, speculative=True, **batch1)
     torch.manual_seed(0)
     if args.prompt:
         prompt = tok.encode(args.prompt)
@@ -98,8 +75,7 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for name, fn in contenders.items():
             times[name] += time_calls(fn, 1, device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {where}, {path if args.model else args.preset + ' (random weights)'}, prompt {len(prompt)}, "
+    print(f"{models.describe()}, prompt {len(prompt)}, "
           f"{args.new_tokens} new tokens, batch 1, {str(dtype).removeprefix('torch.')}")
     rate = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
     for k, r in rate.items():

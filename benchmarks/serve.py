@@ -19,20 +19,17 @@ import multiprocessing
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from timing import time_calls  # benchmarks/timing.py (the script's folder is on sys.path)
+from contenders import add_model_args, load_contenders  # benchmarks/ (the script's folder is on sys.path)
+from timing import time_calls
 
-from deepmoe.checkpoint import load_pretrained, save_pretrained
-from deepmoe.config import ModelConfig
 from deepmoe.data.corpus import stdlib_documents
 from deepmoe.engine.llm import LLMEngine
 from deepmoe.engine.sequence import SamplingParams
-from deepmoe.model import build_model
 from deepmoe.tokenizer import load_tokenizer, train_bpe
 
 
@@ -90,33 +87,16 @@ def pct(xs: list[float], q: float) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a model directory (default: random weights of --preset)")
-    p.add_argument("--preset", default="tiny")
+    add_model_args(p)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--hf-impl", default="eager", help="transformers experts_implementation")
     args = p.parse_args(argv)
-    import transformers
-
     from deepmoe.serve.app import build_app
 
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        if path is None:
-            cfg = ModelConfig.from_preset(args.preset).replace(num_nextn_predict_layers=0)
-            save_pretrained(build_model(cfg, seed=0), tmp)
-            path = tmp
-        ours = load_pretrained(path, device=device, dtype=dtype, load_mtp=False)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                               experts_implementation=args.hf_impl).to(device).eval()
+    models = load_contenders(args)
+    device, dtype, ours, hf = models.device, models.dtype, models.ours, models.hf
     if args.model:
         tok = load_tokenizer(args.model)
     else:  # a tokenizer covering the model's vocabulary, so every token streams as text (TTFT is measurable)
@@ -167,8 +147,7 @@ def main(argv=None) -> int:
     thread.join(30)
     total = args.requests * args.new_tokens
     ours_rate, hf_rate = total / statistics.median(ours_t), total / statistics.median(hf_t)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {where}, {path if args.model else args.preset + ' (random weights)'}, {args.requests} concurrent "
+    print(f"{models.describe()}, {args.requests} concurrent "
           f"requests, prompt {args.prompt_len}, {args.new_tokens} new tokens each, {str(dtype).removeprefix('torch.')}")
     ttft, e2e = [r[0] for r in lat], [r[1] for r in lat]
     print(f"deepmoe serve  {ours_rate:8.1f} tok/s over HTTP/SSE (median of {args.rounds} bursts); TTFT p50 "

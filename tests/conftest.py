@@ -55,6 +55,15 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
     return model
 
 
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The definition the engines are checked against: n greedy tokens, each by a full forward, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
 

@@ -15,7 +15,7 @@ from deepmoe.engine.sequence import SamplingParams
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 
-from .conftest import v3_config
+from .conftest import naive_greedy, v3_config
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(60)]
 
@@ -28,14 +28,6 @@ def parts():
     with torch.no_grad():  # a stronger head than init's 0.02 spreads the logits: no near-ties for argmax
         model.lm_head.weight.mul_(20)
     return model.eval(), train_bpe(TEXTS, 300)
-
-
-def naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 PROMPTS = [list(range(5, 30)), list(range(5, 30)) + [40, 41], [7, 8, 9], list(range(100, 160)), [3]]

@@ -12,7 +12,7 @@ from deepmoe.engine.speculative import verify
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 
-from .conftest import v3_config
+from .conftest import naive_greedy, v3_config
 
 PROMPTS = [list(range(5, 30)), list(range(5, 30)) + [40, 41], [7, 8, 9], list(range(100, 160)), [3]]
 NEW = 14
@@ -25,14 +25,6 @@ def parts():
     with torch.no_grad():  # spread the logits: no near-ties for argmax between batched and one-by-one runs
         model.lm_head.weight.mul_(20)
     return model.eval(), train_bpe(["def f(x):\n    return x\n"] * 20, 300)
-
-
-def naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from deepmoe.engine.llm import LLM, LLMEngine
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 
-from .conftest import v3_config
+from .conftest import naive_greedy, v3_config
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -36,14 +36,6 @@ from deepmoe.serve.async_engine import streamable  # noqa: E402
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(60)]
 KEY, NAME = "sk-test", "tiny-serve"
 CONTEXT = 512
-
-
-def naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def start_server(app):

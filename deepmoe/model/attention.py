@@ -105,8 +105,9 @@ class MLA(nn.Module):
         # a long prefill chunk over a long history would materialise all (B, H, T, S) scores at once:
         # take the queries in slices so the scores stay under SCORES_BUDGET elements
         step = max(1, SCORES_BUDGET // (B * H * S))
-        o_lat = torch.cat([self._attend_latent(q_lat[:, :, i:i + step], q_pe[:, :, i:i + step], c_kv, k_pe,
-                                               start_pos, i) for i in range(0, T, step)], dim=2)
+        slices = [self._attend_latent(q_lat[:, :, i:i + step], q_pe[:, :, i:i + step], c_kv, k_pe, start_pos, i)
+                  for i in range(0, T, step)]
+        o_lat = slices[0] if len(slices) == 1 else torch.cat(slices, dim=2)  # (B, H, T, r); decode: no copy
         return (o_lat @ w_uv.mT).transpose(1, 2)  # (B, T, H, v)
 
     def _attend_latent(self, q_lat, q_pe, c_kv, k_pe, start_pos: int | torch.Tensor, first: int) -> torch.Tensor:

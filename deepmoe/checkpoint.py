@@ -127,7 +127,12 @@ def _read_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; expected a Hugging Face model directory")
-    raw = json.loads(cfg_file.read_text())
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file}: a model config must be a JSON object, got {type(raw).__name__}")
     archs = set(raw.get("architectures") or [])
     if archs and not archs & SUPPORTED_ARCHS:
         raise CheckpointError(f"{cfg_file}: unsupported architecture {sorted(archs)}; deepmoe loads "
@@ -173,6 +178,7 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     targets = model.state_dict(keep_vars=True)
     plan = _validate(path, key_files, files, cfg, targets, block, L + D if skip_mtp else None)
     model = model.to_empty(device=device)
+    model.tie_weights()
     model.reset_buffers()
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
@@ -196,6 +202,8 @@ def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, c
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     plan: dict[Path, dict[str, tuple[str, int | None]]] = {}
     needed = {n: (set(range(t.shape[0])) if _is_stacked(n) else None) for n, t in targets.items()}
+    if cfg.tie_word_embeddings:  # the head is the embedding: transformers omits it on save, ignores it on load
+        needed.pop("lm_head.weight")
     for key, file in key_files.items():
         if key.endswith("_scale_inv"):
             if key.removesuffix("_scale_inv") not in key_files:
@@ -220,8 +228,8 @@ def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, c
         if sl.get_dtype() in ("F8_E4M3", "F8_E5M2"):
             if block is None or key + "_scale_inv" not in key_files:
                 raise CheckpointError(f"{file.name}: {key} is fp8 but has no weight_scale_inv / quantization_config")
-        if shared:
-            continue  # the MTP copy of the embedding/head: same weights as the main ones
+        if shared or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue  # the MTP copy of the embedding/head, or a tied head: same weights as the embedding
         if expert is None:
             needed.pop(name, None)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,19 +41,49 @@ def v3_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    """A random transformers DeepseekV2/V3ForCausalLM for `cfg`, fp32, with a non-zero routing bias."""
+# Configs *transformers* builds: only sizes are given; every routing field a real V2/V3 file omits is left to
+# transformers' own defaults, so what we read is what transformers wrote, not what our writer wrote.
+_HF_SIZES = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                 n_routed_experts=16, first_k_dense_replace=1, max_position_embeddings=256)
+
+
+def hf_v2_config(**kw):
+    """transformers' DeepseekV2Config: softmax routing (no scoring_func field), group-limited greedy."""
     transformers = pytest.importorskip("transformers")
-    d = cfg.to_hf_dict()
-    d.pop("architectures")
-    hcfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    return transformers.DeepseekV2Config(**{**_HF_SIZES, "q_lora_rank": None, "n_shared_experts": 2,
+                                            "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
+                                            "topk_method": "group_limited_greedy", "routed_scaling_factor": 1.5,
+                                            **kw})
+
+
+def hf_v3_config(**kw):
+    """transformers' DeepseekV3Config with its defaults for routing (sigmoid, noaux_tc, norm, scale 2.5), YaRN."""
+    transformers = pytest.importorskip("transformers")
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
+    return transformers.DeepseekV3Config(**{**_HF_SIZES, "q_lora_rank": 32, "num_experts_per_tok": 4, "n_group": 4,
+                                            "topk_group": 2, "rope_parameters": yarn, **kw})
+
+
+def hf_random_model(hcfg, seed: int = 0, dtype=torch.float32, scale_qk: float = 1.0):
+    """A random transformers model for a transformers config, with a non-zero routing bias (V3). Other dtypes
+    come through transformers' own from_pretrained, which keeps its RoPE frequencies and routers in fp32 (a
+    plain `.to(bf16)` would round them). scale_qk > 1 sharpens attention so outputs depend on positions."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, buf in model.named_buffers():
+        for name, t in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn(buf.shape) * 0.05)
-    return model
+                t.copy_(torch.randn(t.shape) * 0.05)
+            elif name.endswith(("q_b_proj.weight", "q_proj.weight", "kv_a_proj_with_mqa.weight")):
+                t.mul_(scale_qk)
+    if dtype == torch.float32:
+        return model
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
 
 
 def naive_greedy(model, prompt: list[int], n: int) -> list[int]:

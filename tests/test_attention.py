@@ -69,3 +69,11 @@ def test_yarn_matches_transformers_frequencies():
     inv, factor = rope_frequencies(cfg)
     torch.testing.assert_close(inv, inv_ref)
     assert factor == pytest.approx(factor_ref)
+
+
+def test_rope_frequencies_stay_fp32_under_bf16_casts():
+    cfg = deepmoe.ModelConfig()
+    exact = rope_frequencies(cfg)[0]
+    for model in (deepmoe.build_model(cfg, dtype=torch.bfloat16), deepmoe.build_model(cfg).half()):
+        assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, exact)
+        assert model.lm_head.weight.dtype != torch.float32

@@ -1,6 +1,7 @@
 """ModelConfig: HF config.json names both ways, validation, presets, parameter counts."""
 
 import json
+import logging
 
 import pytest
 
@@ -59,9 +60,76 @@ def test_inconsistent_configs_are_rejected_with_a_reason(changes, message):
         ModelConfig(**changes)
 
 
-def test_mla_requires_kv_heads_equal_heads():
-    with pytest.raises(ConfigError, match="num_key_value_heads"):
-        ModelConfig.from_hf_dict({**ModelConfig().to_hf_dict(), "num_key_value_heads": 2})
+def test_num_key_value_heads_is_ignored_like_transformers_does():
+    # transformers' DeepseekV3Config writes its default 128 whatever num_attention_heads is; MLA has no KV groups
+    cfg = ModelConfig.from_hf_dict({**ModelConfig().to_hf_dict(), "num_key_value_heads": 2})
+    assert cfg == ModelConfig()
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_default_table_equals_installed_transformers(model_type):
+    """A field a config.json omits takes transformers' default for that model_type: the table must be its."""
+    transformers = pytest.importorskip("transformers")
+    from deepmoe.config import _HF_DEFAULTS
+
+    hf = transformers.AutoConfig.for_model(model_type)
+    for key, value in _HF_DEFAULTS[model_type].items():
+        if key == "rope_theta":
+            assert hf.rope_parameters["rope_theta"] == value
+        elif key == "num_nextn_predict_layers" and not hasattr(hf, key):
+            continue  # older transformers: no MTP field
+        else:
+            assert getattr(hf, key) == value, key
+
+
+def test_missing_fields_take_transformers_defaults_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="deepmoe"):
+        v3 = ModelConfig.from_hf_dict({"model_type": "deepseek_v3"})
+        assert "config omits" in caplog.text and "hidden_size=7168" in caplog.text
+    # DeepSeek-V3 itself, not the tiny preset
+    assert (v3.hidden_size, v3.vocab_size, v3.num_hidden_layers) == (7168, 129280, 61)
+    assert (v3.scoring_func, v3.topk_method, v3.routed_scaling_factor) == ("sigmoid", "noaux_tc", 2.5)
+    v2 = ModelConfig.from_hf_dict({"architectures": ["DeepseekV2ForCausalLM"], "num_experts_per_tok": 6})
+    assert (v2.model_type, v2.scoring_func, v2.topk_method, v2.norm_topk_prob) == ("deepseek_v2", "softmax",
+                                                                                   "greedy", False)
+    assert (v2.hidden_size, v2.n_routed_experts, v2.num_nextn_predict_layers) == (4096, 64, 0)
+
+
+def test_unknown_keys_warn_and_survive_a_round_trip(caplog):
+    d = {**ModelConfig().to_hf_dict(), "hiden_size": 512}
+    with caplog.at_level(logging.WARNING, logger="deepmoe"):
+        cfg = ModelConfig.from_hf_dict(d)
+    assert "hiden_size" in caplog.text and cfg.hidden_size == ModelConfig().hidden_size
+    assert cfg.to_hf_dict()["hiden_size"] == 512
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepmoe"):
+        ModelConfig.from_preset("deepseek-v3")
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"model_type": "llama"}, "unsupported model_type"),
+    ({"hidden_size": 64}, "no model_type"),
+    ({"model_type": "deepseek_v3", "scoring_func": "softmax"}, "sigmoid"),
+    ({"model_type": "deepseek_v3", "topk_method": "greedy"}, "noaux_tc"),
+    ({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "scoring_func": "sigmoid"}, "softmax"),
+    ({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "topk_method": "noaux_tc"}, "greedy"),
+    ({"model_type": "deepseek_v2", "num_experts_per_tok": 6, "rope_interleave": False}, "interleaved"),
+    ({"model_type": "deepseek_v2"}, "num_experts_per_tok"),  # transformers has no default for it
+    ({"model_type": "deepseek_v3", "mlp_bias": True}, "mlp_bias"),
+    ([1, 2, 3], "JSON object"),
+])
+def test_configs_transformers_would_run_differently_are_refused(d, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_python_configs_must_be_expressible_in_transformers():
+    with pytest.raises(ConfigError, match="never renormalises"):
+        ModelConfig(topk_method="greedy", scoring_func="softmax", norm_topk_prob=True)
+    with pytest.raises(ConfigError, match="sigmoid"):
+        ModelConfig(topk_method="greedy", scoring_func="sigmoid", norm_topk_prob=False)
+    assert ModelConfig(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False).model_type == "deepseek_v2"
 
 
 def test_unknown_preset_and_bad_json(tmp_path):

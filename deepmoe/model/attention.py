@@ -73,7 +73,8 @@ class MLA(nn.Module):
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe, start_pos)
             absorb = True
         if absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
+            # the keys start at position 0 of the cache, or, without one, at this call's first token
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos if cache is not None else 0)
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))

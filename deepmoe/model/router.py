@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .precision import FP32Buffers
 
 
 class Routing(NamedTuple):
@@ -45,8 +46,10 @@ def route(logits: torch.Tensor, *, top_k: int, scoring_func: str = "softmax", to
     return Routing(weights * routed_scaling_factor, indices, scores)
 
 
-class Gate(nn.Module):
+class Gate(FP32Buffers):
     """The router's parameters: `weight` (E, d) and, for noaux_tc, the fp32 `e_score_correction_bias`."""
+
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -64,14 +67,3 @@ class Gate(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         return route(logits, bias=self.e_score_correction_bias, **self.kwargs)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not round the balancing bias: its updates (γ = 1e-3) are
-        # below bf16 resolution. Follow device moves, keep fp32.
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        new = self.e_score_correction_bias
-        if new is not None and new.dtype != torch.float32:
-            src = new if bias.device.type == "meta" else bias  # meta holds no values to preserve
-            self.e_score_correction_bias = src.to(device=new.device, dtype=torch.float32)
-        return self

@@ -17,6 +17,7 @@ from .block import Block
 from .experts import Experts
 from .mtp import MTPModule
 from .norm import RMSNorm
+from .precision import FP32Buffers
 from .rope import rope_cos_sin, rope_frequencies
 from .router import Gate, Routing
 
@@ -29,14 +30,15 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DeepSeekModel(nn.Module):
+class DeepSeekModel(FP32Buffers):
+    fp32_buffers = ("inv_freq",)  # rotary phases at long positions need fp32 frequencies
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.mtp = nn.ModuleList(MTPModule(cfg, k + 1) for k in range(cfg.num_nextn_predict_layers))
         inv_freq, self.rope_attention_factor = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -96,6 +98,12 @@ class DeepSeekModel(nn.Module):
         return self.lm_head(self.mtp[depth - 1].shared_head.norm(h))
 
     # ---- parameters ----------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings the head is the embedding matrix. `to_empty` (used when loading) gives
+        every module fresh parameters and so unties them: call again after it."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def reset_buffers(self) -> None:
         """Recompute derived buffers (after `to_empty`, which leaves them uninitialised)."""
         with torch.no_grad():

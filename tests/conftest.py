@@ -99,10 +99,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
 
 
-def write_fp8_twin(src: Path, fp8_dir: Path, twin_dir: Path, block=(32, 32)) -> None:
-    """From a checkpoint dir, write an FP8-block version and its exact dequantized fp32 twin."""
-    from deepmoe.fp8 import dequantize_fp8_block
+def _dequantize_by_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block) -> torch.Tensor:
+    """weight · scale_inv over each block, one block at a time (ragged edges included), in float64."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    bm, bn = block
+    for i in range(0, q.shape[0], bm):
+        for j in range(0, q.shape[1], bn):
+            out[i:i + bm, j:j + bn] = q[i:i + bm, j:j + bn].double() * scale_inv[i // bm, j // bn].double()
+    return out.float()  # the float64 product is exact (4 + 24 bits), so this rounds once, as an fp32 multiply does
 
+
+def write_fp8_twin(src: Path, fp8_dir: Path, twin_dir: Path, block=(32, 32)) -> None:
+    """From a checkpoint dir, write an FP8-block version and its exact dequantized fp32 twin. The twin is
+    built here block by block, not with the loader's dequantizer: the loader must not be its own reference."""
     fp8_dir.mkdir()
     twin_dir.mkdir()
     fp8, twin = {}, {}
@@ -113,7 +122,7 @@ def write_fp8_twin(src: Path, fp8_dir: Path, twin_dir: Path, block=(32, 32)) -> 
             if quantize:
                 q, s = quantize_fp8_block(t, block)
                 fp8[key], fp8[key + "_scale_inv"] = q, s
-                twin[key] = dequantize_fp8_block(q, s, block, torch.float32)
+                twin[key] = _dequantize_by_blocks(q, s, block)
             else:
                 fp8[key] = twin[key] = t
     save_file(fp8, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -58,11 +58,12 @@ class LLMEngine:
     """kv_cache_bytes: the paged cache's size; None sizes it from the device: on CUDA, memory_fraction of
     the GPU minus what is resident and the measured activation peak of the largest step; on CPU 256 MiB.
     On CPU the engine re-lays out the model's projection weights for fast decoding (same values and
-    shapes; see model_runner.cpu_decode_layout)."""
+    shapes; see model_runner.cpu_decode_layout). On CUDA decode steps replay CUDA graphs unless
+    cuda_graphs=False; decode_mode overrides the choice ("graphs", "compiled", "static"; see decode_step)."""
 
     def __init__(self, model, tokenizer: Tokenizer, kv_cache_bytes: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, speculative: bool = False,
-                 memory_fraction: float = 0.9):
+                 memory_fraction: float = 0.9, cuda_graphs: bool = True, decode_mode: str | None = None):
         cfg = model.config
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding drafts with the model's MTP layers, and this model has none "
@@ -80,7 +81,11 @@ class LLMEngine:
         self.speculative = speculative
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, cfg.max_position_embeddings)
-        self.runner = ModelRunner(model, num_blocks, block_size, dtype, draft_layers=layers - cfg.num_hidden_layers)
+        if decode_mode is None and cuda_graphs and model.lm_head.weight.device.type == "cuda":
+            decode_mode = "graphs"  # decode steps replay CUDA graphs; elsewhere the general path is fastest
+        self.runner = ModelRunner(model, num_blocks, block_size, dtype, draft_layers=layers - cfg.num_hidden_layers,
+                                  decode_mode=decode_mode, max_num_seqs=max_num_seqs,
+                                  max_model_len=cfg.max_position_embeddings)
         self.generators: dict[int, torch.Generator | None] = {}
         self.logprobs: dict[int, list[dict[int, float]]] = {}
         self.draft_probs: dict[int, list[torch.Tensor | None]] = {}  # seq_id → q of each pending draft
@@ -231,12 +236,13 @@ class LLMEngine:
 class LLM:
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None,
                  kv_cache_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, speculative: bool = False, memory_fraction: float = 0.9):
+                 max_num_batched_tokens: int = 2048, speculative: bool = False, memory_fraction: float = 0.9,
+                 cuda_graphs: bool = True):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=speculative)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = LLMEngine(model, self.tokenizer, kv_cache_bytes, block_size, max_num_seqs,
-                                max_num_batched_tokens, speculative, memory_fraction)
+                                max_num_batched_tokens, speculative, memory_fraction, cuda_graphs)
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, or a list of either. Results come back in prompt order."""

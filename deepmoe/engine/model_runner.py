@@ -16,6 +16,7 @@ from torch import nn
 
 from ..model import DeepSeekModel
 from ..model.experts import Experts
+from .decode_step import StaticDecoder
 from .kv_cache import PagedBatch, PagedLatentCache
 from .scheduler import Scheduled
 from .sequence import Sequence
@@ -77,8 +78,13 @@ def cpu_decode_layout(model: DeepSeekModel) -> None:
 
 
 class ModelRunner:
+    """decode_mode: how steps made only of one-token decodes run. None: the general padded path (CPU's
+    fastest); "graphs", "compiled", "static": the static-shape step of decode_step.py, replayed as CUDA
+    graphs, compiled whole, or eager. max_num_seqs and max_model_len size its buffers."""
+
     def __init__(self, model: DeepSeekModel, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
-                 draft_layers: int = 0):
+                 draft_layers: int = 0, decode_mode: str | None = None, max_num_seqs: int = 64,
+                 max_model_len: int | None = None):
         self.model = model.eval()
         p = model.lm_head.weight
         self.device = p.device
@@ -86,12 +92,21 @@ class ModelRunner:
             cpu_decode_layout(model)
         layers = model.config.num_hidden_layers + draft_layers
         self.cache = PagedLatentCache(model.config, num_blocks, block_size, dtype or p.dtype, p.device, layers)
+        self.decoder = None
+        if decode_mode is not None:
+            max_len = max_model_len or model.config.max_position_embeddings
+            max_blocks = min(num_blocks, -(-max_len // block_size))
+            self.decoder = StaticDecoder(model, self.cache, max_num_seqs, max_blocks, decode_mode)
 
     @torch.inference_mode()
     def run(self, plan: list[Scheduled]) -> dict[int, torch.Tensor]:
         """seq_id → final normed hidden states (num_tokens, d) of the tokens computed for it this step
         (its pending tokens, then its draft tokens)."""
         seqs = [item.seq for item in plan]
+        if self.decoder is not None and all(item.num_tokens == 1 and not item.num_draft for item in plan):
+            hidden = self.decoder.run([s.token_ids[s.num_cached_tokens] for s in seqs],
+                                      [s.num_cached_tokens for s in seqs], [s.block_table for s in seqs])
+            return {s.seq_id: hidden[i:i + 1] for i, s in enumerate(seqs)}
         tokens = []
         for item in plan:
             s, n = item.seq, item.num_tokens - item.num_draft

@@ -22,7 +22,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 start_pos: int = 0, absorb: bool = False, router_out: list[Routing] | None = None,
-                capacity_factor: float | None = None) -> torch.Tensor:
+                capacity_factor: float | None = None, sync_free: bool = False) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_out, capacity_factor) if isinstance(self.mlp, MoE) else self.mlp(h))
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, router_out, capacity_factor, sync_free)
+        return x + self.mlp(h)

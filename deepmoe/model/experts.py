@@ -29,7 +29,9 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, in), sorted by group, times their group's w[g] (G, out, in)ᵀ → (M, out)."""
-    if x.device.type == "cpu" and x.shape[0] <= w.shape[0] and not torch.compiler.is_compiling():
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if (x.device.type == "cpu" and x.shape[0] <= w.shape[0] and not differentiable
+            and not torch.compiler.is_compiling()):  # mm(out=...) has no autograd: inference only
         return _active_groups_mm(x, w, counts)
     if _grouped_mm_ok(x):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -82,6 +84,42 @@ def drop_over_capacity(flat: torch.Tensor, weights: torch.Tensor, capacity: int,
     return order[rank < capacity], counts.clamp(max=capacity)
 
 
+def sync_free_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_w: torch.Tensor,
+                      up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[:, j] · expert_{indices[:, j]}(x) for x (N, d), with static shapes and no host read, so
+    a decode step can be compiled whole or captured in a CUDA graph. Per-expert counts stay on the device:
+    - CUDA with grouped GEMM: copies sorted by expert, offsets from a scatter-add count (not bincount,
+      which reads its range back to the host), one grouped GEMM per projection over a fixed M = N·k;
+    - fewer copies than experts (small decode batches): gather just the chosen experts' weights and run
+      one batched matrix-vector product per copy, reading k experts per token and nothing else;
+    - otherwise every expert runs on every token and the routing weights (zero where not chosen) mask
+      the combine: decode is memory-bound, and this reads each expert once, as any batched step must."""
+    N, k = indices.shape
+    E = gate_w.shape[0]
+    flat, w = indices.reshape(-1), weights.reshape(-1).float()
+    if x.device.type == "cuda" and _grouped_mm_ok(x):
+        order = flat.argsort(stable=True)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        xs = x.index_select(0, order // k)
+        h = F.silu(torch._grouped_mm(xs, gate_w.transpose(-2, -1), offs=offs)) * torch._grouped_mm(
+            xs, up_w.transpose(-2, -1), offs=offs)
+        ys = torch._grouped_mm(h, down_w.transpose(-2, -1), offs=offs).float() * w[order].unsqueeze(-1)
+        return torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(
+            0, order // k, ys).to(x.dtype)
+    if N * k < E:
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (M, 1, d): copy j of token n is row n·k + j
+        h = F.silu(xs @ gate_w[flat].mT) * (xs @ up_w[flat].mT)  # (M, 1, inter)
+        ys = (h @ down_w[flat].mT).squeeze(1).float() * w.unsqueeze(-1)  # (M, d)
+        return ys.view(N, k, -1).sum(1).to(x.dtype)
+    dense = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, indices, weights.float())
+    xe = x.unsqueeze(0).expand(E, N, x.shape[1])  # (E, N, d)
+    h = F.silu(xe @ gate_w.mT) * (xe @ up_w.mT)  # (E, N, inter)
+    ys = (h @ down_w.mT).float() * dense.T.unsqueeze(-1)  # (E, N, d)
+    return ys.sum(0).to(x.dtype)
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -92,10 +130,15 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                capacity: int | None = None) -> torch.Tensor:
+                capacity: int | None = None, sync_free: bool = False) -> torch.Tensor:
         """x (N, d), indices/weights (N, k) → Σ_j weights[:, j] · expert_{indices[:, j]}(x), shape (N, d).
         With `capacity`, each expert keeps at most that many token copies, its highest-weight ones; the
-        dropped copies contribute nothing (the token still has its residual and shared experts)."""
+        dropped copies contribute nothing (the token still has its residual and shared experts).
+        sync_free: the capturable formulation (see `sync_free_experts`), for compiled or graphed decoding."""
+        if sync_free:
+            if capacity is not None:
+                raise ValueError("capacity dropping keeps a data-dependent number of copies: not sync-free")
+            return sync_free_experts(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj)
         N, k = indices.shape
         flat, w = indices.reshape(-1), weights.reshape(-1)
         if capacity is None:

@@ -34,9 +34,10 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, n_shared * cfg.moe_intermediate_size) if n_shared else None
 
     def forward(self, x: torch.Tensor, router_out: list[Routing] | None = None,
-                capacity_factor: float | None = None) -> torch.Tensor:
+                capacity_factor: float | None = None, sync_free: bool = False) -> torch.Tensor:
         """x (B, T, d). router_out collects this layer's Routing (for balancing). capacity_factor c caps
-        every expert at ceil(c · N·k / E) token copies of this call's N tokens (None: dropless)."""
+        every expert at ceil(c · N·k / E) token copies of this call's N tokens (None: dropless).
+        sync_free: static shapes and no host reads (a compiled or CUDA-graphed decode step)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.gate(flat)
@@ -46,7 +47,7 @@ class MoE(nn.Module):
         if capacity_factor is not None:
             N, k = routing.indices.shape
             capacity = math.ceil(capacity_factor * N * k / self.experts.n_experts)
-        y = self.experts(flat, routing.indices, routing.weights, capacity).view(shape)
+        y = self.experts(flat, routing.indices, routing.weights, capacity, sync_free).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

@@ -55,13 +55,14 @@ class DeepSeekModel(FP32Buffers):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
                       absorb: bool = False, router_out: list[Routing] | None = None,
-                      capacity_factor: float | None = None) -> torch.Tensor:
+                      capacity_factor: float | None = None, sync_free: bool = False) -> torch.Tensor:
         """input_ids (B, T) → final normed hidden states (B, T, d), the input of lm_head.
-        router_out, if given, receives every MoE layer's Routing in order; capacity_factor: see MoE."""
+        router_out, if given, receives every MoE layer's Routing in order; capacity_factor: see MoE.
+        sync_free: no host reads and no data-dependent shapes (a compiled or CUDA-graphed decode step)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(input_ids.shape[1], start_pos, x.device)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start_pos, absorb, router_out, capacity_factor)
+            x = layer(x, cos, sin, cache, start_pos, absorb, router_out, capacity_factor, sync_free)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,

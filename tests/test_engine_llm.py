@@ -48,10 +48,32 @@ def test_greedy_equals_naive_recompute(parts, blocks, budget):
         assert s.completion_token_ids == naive_greedy(model, p, 12), p[:5]
         assert s.finish_reason == "length"
     assert engine.blocks.num_free_blocks == len(engine.blocks.blocks)  # nothing leaked
-    if blocks is None:
-        assert engine.scheduler.num_preemptions > 0
-    else:  # the second prompt extends the first: its first 24 tokens came from the prefix cache
-        assert any(b.hash is not None for b in engine.blocks.blocks)
+    assert (engine.scheduler.num_preemptions > 0) == (blocks is None)
+
+
+def test_a_later_request_reuses_an_earlier_ones_prefix(parts):
+    """The second prompt extends the first, which has finished: the first 24 of its 27 tokens are prefix-cache
+    hits (6 full blocks, freed but intact), so its prefill computes only the last 3, and the output is exact."""
+    model, tok = parts
+    engine = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4)
+    rows, run = [], engine.runner.run
+
+    def spy(plan):  # what each step computes: (sequence, first position, tokens)
+        rows.extend((item.seq.seq_id, item.seq.num_cached_tokens, item.num_tokens) for item in plan)
+        return run(plan)
+
+    engine.runner.run = spy
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    seqs = []
+    for i, p in enumerate(PROMPTS[:2]):  # one after the other: requests admitted together cannot share
+        seqs.append(engine.add(p, params, str(i)))
+        while engine.scheduler.has_unfinished():
+            engine.step()
+    first, second = seqs
+    assert [r for r in rows if r[0] == first.seq_id][0] == (first.seq_id, 0, 25)
+    assert [r for r in rows if r[0] == second.seq_id][0] == (second.seq_id, 24, 3)
+    assert second.completion_token_ids == naive_greedy(model, PROMPTS[1], 6)
+    assert engine.blocks.num_free_blocks == len(engine.blocks.blocks)
 
 
 def test_llm_api_from_a_model_directory(parts, tmp_path):
@@ -79,10 +101,11 @@ def test_llm_api_from_a_model_directory(parts, tmp_path):
 
     free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     full = llm.generate("def f2(x):", free)[0]
-    stop = full.text[3:5] if len(full.text) >= 5 else None
-    if stop:
-        cut = llm.generate("def f2(x):", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
-        assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert len(full.text) >= 5  # 40 tokens of a 300-token byte-level BPE: text to take a stop string from
+    stop = full.text[3:5]  # surely in the output, so the request must stop on it
+    cut = llm.generate("def f2(x):", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert len(cut.token_ids) < len(full.token_ids)
     assert llm.engine.blocks.num_free_blocks == len(llm.engine.blocks.blocks)
     with pytest.raises(ValueError, match="context"):
         llm.generate([[1] * model.config.max_position_embeddings])

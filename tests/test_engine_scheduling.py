@@ -185,3 +185,60 @@ def test_prefill_rows_of_similar_length_share_a_forward():
     for g in groups[1:]:
         lengths = [[100, 10, 12, 90, 11, 1000, 2][i] for i in g]
         assert len(g) * max(lengths) <= 1.25 * sum(lengths)
+
+
+def test_a_sequence_outgrowing_the_whole_cache_finishes_with_length():
+    """3 blocks hold 12 tokens: a 5-token prompt asking for 20 more stops at 13 tokens (the 13th is sampled
+    from the 12 cached ones and needs no slot), instead of preempting itself and waiting forever."""
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    sch = Scheduler(bm)
+    s = seq(range(5), max_tokens=20)
+    sch.add(s)
+    run(sch, max_steps=50)
+    assert (s.finish_reason, s.num_completion_tokens) == ("length", 8)
+    assert bm.num_free_blocks == 3
+    # were the scheduler ever stuck (here: blocks leaked outside it), it says so instead of looping
+    t = seq(range(5))
+    sch.add(t)
+    bm.allocate(seq(range(9)))
+    with pytest.raises(RuntimeError, match="no progress"):
+        sch.schedule()
+
+
+def test_outgrowing_the_cache_beside_others_preempts_them_and_everyone_finishes():
+    """a (5 + 20 tokens) cannot fit 4 blocks; b and c can. a, admitted first, preempts the later arrivals to
+    grow, stops at the cache's capacity, and then the preempted ones are re-admitted and finish."""
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    sch = Scheduler(bm)
+    a, b, c = seq(range(5), max_tokens=20), seq(range(50, 53), max_tokens=6), seq(range(60, 62), max_tokens=3)
+    for s in (a, b, c):
+        sch.add(s)
+    run(sch, token=lambda s: 1000 + s.num_completion_tokens, max_steps=100)
+    assert sch.num_preemptions >= 1
+    assert (a.finish_reason, a.completion_token_ids) == ("length", list(range(1000, 1012)))
+    assert (b.finish_reason, b.completion_token_ids) == ("length", list(range(1000, 1006)))
+    assert (c.finish_reason, c.completion_token_ids) == ("length", list(range(1000, 1003)))
+    assert bm.num_free_blocks == 4 and all(block.ref_count == 0 for block in bm.blocks)
+
+
+def test_a_sequence_preempted_in_the_step_it_sampled_keeps_its_token():
+    """Every sampled token ends up in its sequence: a sequence preempted after it sampled (because one ahead
+    of it needed its block) keeps the token rather than sampling that position again after recompute, which
+    would pair logprobs with the wrong tokens and advance its seeded generator twice."""
+    bm = BlockManager(num_blocks=4, block_size=BS)  # a's 8 and b's 6 prompt tokens fill all four
+    sch = Scheduler(bm)
+    a, b = seq(range(8), max_tokens=4), seq(range(100, 106), max_tokens=4)
+    sch.add(a)
+    sch.add(b)
+    draws = {a.seq_id: [], b.seq_id: []}
+    counter = iter(range(10_000))
+
+    def token(s):  # a fresh value per draw: a dropped and redrawn token shows up as a gap
+        draws[s.seq_id].append(next(counter))
+        return draws[s.seq_id][-1]
+
+    steps = run(sch, token=token)
+    # step 1 prefills both and samples for both; a's 9th token needs a fifth block, so b is preempted
+    assert steps[0] == [(a.seq_id, 8), (b.seq_id, 6)] and sch.num_preemptions == 1
+    for s in (a, b):
+        assert s.completion_token_ids == draws[s.seq_id] and s.num_completion_tokens == 4

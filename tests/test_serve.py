@@ -60,11 +60,11 @@ def oracle_drafts(model, propose):
     """The engine's draft proposer, except that greedy requests draft the target model's own next token: the
     random MTP layer's drafts are almost never kept, these always are, so steps add two tokens each."""
     def oracle(logits, p, history, prompt_len, generator):
-        token, q = propose(logits, p, history, prompt_len, generator)
-        if q is None:
+        token = propose(logits, p, history, prompt_len, generator)
+        if p.greedy:
             with torch.no_grad():
                 token = int(model(torch.tensor([history]))[0, -1].argmax())
-        return token, q
+        return token
     return oracle
 
 

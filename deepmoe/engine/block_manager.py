@@ -46,6 +46,11 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free)
 
+    @property
+    def capacity(self) -> int:
+        """Token slots in the whole cache: no sequence can hold more."""
+        return len(self.blocks) * self.block_size
+
     def usage(self) -> float:
         return 1.0 - len(self.free) / len(self.blocks)
 
@@ -97,17 +102,19 @@ class BlockManager:
 
     # ---- decoding --------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
-        """Whether the token just appended to seq fits: a new block is needed when it starts one."""
-        return len(seq) <= len(seq.block_table) * self.block_size or len(self.free) >= 1
+        """Whether the tokens just appended to seq fit: a new block is needed for each that starts one
+        (slots reserved for drafts may hold them already)."""
+        return seq.num_blocks(self.block_size) - len(seq.block_table) <= len(self.free)
 
-    def append(self, seq: Sequence) -> None:
-        """Account for the token just appended to seq (after `can_append`)."""
-        i = (len(seq) - 1) // self.block_size  # the block the new token lands in (may be reserved already)
-        if i == len(seq.block_table):
-            if not self.free:
-                raise RuntimeError(f"no free block for {seq!r}; check can_append first")
+    def append(self, seq: Sequence, num_new: int = 1) -> None:
+        """Account for the num_new tokens just appended to seq (after `can_append`): blocks for them, and the
+        contents of every block they land in."""
+        if not self.can_append(seq):
+            raise RuntimeError(f"no free block for {seq!r}; check can_append first")
+        while len(seq.block_table) < seq.num_blocks(self.block_size):
             seq.block_table.append(self._take_fresh().block_id)
-        self.blocks[seq.block_table[i]].token_ids = seq.block_tokens(i, self.block_size)
+        for i in range((len(seq) - num_new) // self.block_size, seq.num_blocks(self.block_size)):
+            self.blocks[seq.block_table[i]].token_ids = seq.block_tokens(i, self.block_size)
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Make room for num_tokens slots (speculative tokens past the end of seq); all or nothing."""

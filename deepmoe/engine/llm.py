@@ -3,7 +3,9 @@
 `LLMEngine.step()` is the whole engine loop: schedule → run the model → sample (or verify drafts) →
 draft the next tokens with the MTP layer (when speculative) → postprocess (stop rules, detokenize, stop
 strings). The cache is sized from a memory budget; everything is exact: greedy output equals a plain
-full-recompute greedy loop token for token, with or without speculation (tested).
+full-recompute greedy loop token for token, with or without speculation, and a seeded request samples the
+same tokens whatever it is batched with, however often it is preempted, with or without speculation
+(tested).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, decode_stable, first_stop
 from .kv_cache import budget_bytes, bytes_per_block
 from .model_runner import ModelRunner, activation_peak
-from .sampler import sample
+from .sampler import sample, token_generator
 from .scheduler import Scheduled, Scheduler
 from .sequence import SamplingParams, Sequence
 from .speculative import propose, verify
@@ -86,9 +88,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, block_size, dtype, draft_layers=layers - cfg.num_hidden_layers,
                                   decode_mode=decode_mode, max_num_seqs=max_num_seqs,
                                   max_model_len=cfg.max_position_embeddings)
-        self.generators: dict[int, torch.Generator | None] = {}
+        self.seeds: dict[int, int] = {}  # seq_id → the seed its tokens' generators derive from
         self.logprobs: dict[int, list[dict[int, float]]] = {}
-        self.draft_probs: dict[int, list[torch.Tensor | None]] = {}  # seq_id → q of each pending draft
         self.texts: dict[int, IncrementalDetokenizer] = {}
         self.num_drafted = self.num_accepted = 0  # speculative decoding's acceptance statistics
 
@@ -122,10 +123,8 @@ class LLMEngine:
         if bad:  # an embedding lookup out of range would fail the whole batch's step, not just this request
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         seq = Sequence(prompt_ids, params, request_id)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
-        self.generators[seq.seq_id] = gen
+        # unseeded requests get a seed too: drafts and their verification must draw with the same noise
+        self.seeds[seq.seq_id] = params.seed + index if params.seed is not None else int(torch.randint(2**62, ()))
         self.logprobs[seq.seq_id] = []
         self.texts[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
@@ -145,7 +144,7 @@ class LLMEngine:
                 seqs = [item.seq for item, _ in plain]
                 tokens, logps = sample(torch.stack([lg for _, lg in plain]), [s.params for s in seqs],
                                        [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
-                                       [self.generators[s.seq_id] for s in seqs])
+                                       [self._generator(s, len(s)) for s in seqs])
                 for s, tok, lp in zip(seqs, tokens, logps):
                     new_tokens[s.seq_id] = self._record(s, [tok], [lp])
             for item, lg in zip(sampling, logits):
@@ -158,16 +157,22 @@ class LLMEngine:
             if not s.is_finished and s.params.stop and first_stop(self.text(s), s.params.stop) is not None:
                 self.scheduler.finish(s, "stop")
                 finished.append(s)
-        for seq_id, (seq, token, q) in drafts.items():
+        for seq, token in drafts.values():
             if not seq.is_finished and seq.num_cached_tokens == len(seq) - 1:  # still decoding, not preempted
-                seq.draft_token_ids, self.draft_probs[seq_id] = [token], [q]
+                seq.draft_token_ids = [token]
         return finished
+
+    def _generator(self, seq: Sequence, position: int) -> torch.Generator | None:
+        """The generator for seq's token at `position` (None when greedy: nothing is drawn)."""
+        if seq.params.greedy:
+            return None
+        return token_generator(self.seeds[seq.seq_id], position, self.runner.device)
 
     def _verify(self, item: Scheduled, logits: torch.Tensor) -> list[int]:
         """New tokens of a sequence with drafts, from the target logits (1 + num_draft, V)."""
         s = item.seq
         tokens, logps = verify(logits, s.params, s.token_ids, s.num_prompt_tokens, s.draft_token_ids,
-                               self.draft_probs.pop(s.seq_id), self.generators[s.seq_id])
+                               [self._generator(s, len(s) + j) for j in range(item.num_draft + 1)])
         self.num_drafted += item.num_draft
         self.num_accepted += len(tokens) - 1
         return self._record(s, tokens, logps)
@@ -182,7 +187,7 @@ class LLMEngine:
         return tokens
 
     def _draft(self, plan: list[Scheduled], hidden: dict[int, torch.Tensor], new_tokens: dict[int, list[int]]
-               ) -> dict[int, tuple[Sequence, int, torch.Tensor | None]]:
+               ) -> dict[int, tuple[Sequence, int]]:
         """Run MTP depth 1 over every position that became final this step (its next token is now known),
         keeping the MTP cache complete, and propose one draft token for each sequence that sampled."""
         seqs, starts, next_ids, h = [], [], [], []
@@ -201,8 +206,8 @@ class LLMEngine:
             logits = self.runner.draft_logits(torch.stack([mh for _, mh in sampling]))
             for (s, _), lg in zip(sampling, logits):
                 history = s.token_ids + new_tokens[s.seq_id]
-                token, q = propose(lg, s.params, history, s.num_prompt_tokens, self.generators[s.seq_id])
-                out[s.seq_id] = (s, token, q)
+                token = propose(lg, s.params, history, s.num_prompt_tokens, self._generator(s, len(history)))
+                out[s.seq_id] = (s, token)
         return out
 
     def text(self, seq: Sequence) -> str:
@@ -229,7 +234,7 @@ class LLMEngine:
         return CompletionOutput(index, text, ids, seq.finish_reason, lp)
 
     def _forget(self, seq: Sequence) -> None:
-        for per_seq in (self.generators, self.logprobs, self.draft_probs, self.texts):
+        for per_seq in (self.seeds, self.logprobs, self.texts):
             per_seq.pop(seq.seq_id, None)
 
 

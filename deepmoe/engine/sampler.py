@@ -1,11 +1,16 @@
 """Next-token sampling for a batch of requests, each with its own parameters: pure tensor functions.
 
 Order of operations (as in vLLM/transformers): penalties on the raw logits, then temperature, then the
-top-k / top-p / min-p filters, then one draw from each request's own generator (so a seeded request
-draws the same tokens whatever it is batched with). Temperature 0 is greedy.
+top-k / top-p / min-p filters, then one draw. Temperature 0 is greedy. Each draw uses noise of its own,
+from a generator seeded by the request's seed and the token's position: a seeded request draws the same
+tokens whatever it is batched with, however often it is preempted and recomputed, and whether or not
+speculative drafts were verified for it (a draft drawn with its position's noise is the token the target
+draws when the two distributions agree; see speculative.py).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -51,17 +56,29 @@ def distribution(logits: torch.Tensor, p: SamplingParams, history: list[int], pr
     return row.log_softmax(-1), (None if p.greedy else filter_logits(row, p).softmax(-1))
 
 
+def token_generator(seed: int, position: int, device) -> torch.Generator:
+    """The generator for the token at `position` of a request seeded `seed`: a hash of the pair, so nearby
+    seeds and positions get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed},{position}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
 def draw(logprobs: torch.Tensor, probs: torch.Tensor | None, generator: torch.Generator | None) -> int:
+    """The argmax when greedy (probs None), else a sample of probs (V,): argmax of probs / E with E ~ Exp(1)
+    per token (the exponential race, equivalent to Gumbel-max). Two distributions drawn with the same noise
+    pick the same token whenever they agree, and usually when they are close."""
     if probs is None:
         return int(logprobs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]], prompt_lens: list[int],
            generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor]:
     """logits (B, V) → one token per row, and each row's log-probabilities (B, V) of the distribution it was
     drawn from after penalties (before filtering), for logprobs. Penalties and draws are per row (each
-    request has its own parameters and generator); greedy rows take one batched argmax."""
+    request has its own parameters, each row's token its own generator); greedy rows take one batched
+    argmax."""
     logits = logits.float()
     penalised = [b for b, p in enumerate(params)
                  if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]

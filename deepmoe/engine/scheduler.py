@@ -5,7 +5,10 @@ one token, a sequence part-way through its prompt gets the next chunk (chunked p
 never stalls everyone's decoding). Waiting sequences are then admitted first-come-first-served while
 blocks, sequence slots and budget last; the queue head is never skipped, so a long prompt cannot starve.
 When a sampled token needs a new block and none is free, the most recently admitted running sequence is
-preempted: its blocks are freed and it goes back to the head of the queue to be recomputed later.
+preempted: its blocks are freed and it goes back to the head of the queue to be recomputed later, keeping
+every token it has (the one it sampled in that very step too). A sequence stops ("length") once it holds
+more tokens than the whole cache has slots, so each fits alone and the oldest running one always advances:
+nothing waits forever.
 A decoding sequence with draft tokens (speculative decoding) computes its last token and the drafts in
 one go when budget and blocks allow; otherwise the drafts are dropped and it decodes one token.
 Pure Python: the model runner executes the plan, `postprocess` applies the sampled tokens.
@@ -50,7 +53,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        capacity = len(self.blocks.blocks) * self.blocks.block_size
+        capacity = self.blocks.capacity
         if len(seq) + 1 > capacity:
             raise ValueError(f"a prompt of {len(seq)} tokens cannot fit the KV cache ({capacity} tokens)")
         self.waiting.append(seq)
@@ -80,17 +83,22 @@ class Scheduler:
             n = min(len(seq) - seq.num_cached_tokens, budget)
             plan.append(Scheduled(seq, n))
             budget -= n
+        if not plan and self.has_unfinished():  # every sequence fits the cache alone: a bug, not a wait
+            raise RuntimeError(f"the scheduler can make no progress: running {self.running}, waiting "
+                               f"{list(self.waiting)}, {self.blocks.num_free_blocks} free blocks")
         return plan
 
     def postprocess(self, plan: list[Scheduled], new_tokens: dict[int, list[int]],
                     eos_token_id: int | None) -> list[Sequence]:
         """Record the computed tokens, append each sequence's new tokens (seq_id → the accepted drafts and
-        one sampled token), apply the token-level stop rules, and return the sequences that finished."""
-        finished = []
+        one sampled token), apply the token-level stop rules, then give the new tokens blocks; returns the
+        sequences that finished. Every sequence's tokens are appended before any block is handed out, so one
+        preempted to make room for another keeps what it sampled this step: dropping it would sample the
+        position again after recompute (a second logprob entry, a second draw, its verified drafts counted
+        twice)."""
+        finished, grown = [], []
         for item in plan:
             seq = item.seq
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop: its work is discarded
-                continue
             tokens = new_tokens.get(seq.seq_id, []) if item.samples else []
             # rejected drafts were computed but are not part of the sequence: their slots get overwritten
             seq.num_cached_tokens += item.num_kept(len(tokens))
@@ -102,20 +110,25 @@ class Scheduler:
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
-                if seq.status is Status.RUNNING:
-                    self._make_room(seq)
+            else:
+                grown.append((seq, len(tokens)))
+        for seq, num_new in grown:
+            if num_new and seq.status is Status.RUNNING:  # not preempted for one before it
+                self._make_room(seq, num_new)
             if seq.status is Status.RUNNING:
                 self.blocks.commit(seq)
         return finished
 
-    def _make_room(self, seq: Sequence) -> None:
-        """A block for seq's newest token, preempting the latest arrivals (possibly seq itself) if needed."""
+    def _make_room(self, seq: Sequence, num_new: int) -> None:
+        """Blocks for seq's num_new newest tokens, preempting the latest arrivals (possibly seq itself) if
+        needed. seq fits the whole cache (the stop rules see to it), so once those before it are done it
+        runs alone."""
         while not self.blocks.can_append(seq):
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
                 return
-        self.blocks.append(seq)
+        self.blocks.append(seq, num_new)
 
     def _stop_reason(self, seq: Sequence, token: int, eos_token_id: int | None) -> str | None:
         p = seq.params
@@ -124,6 +137,8 @@ class Scheduler:
         if seq.num_completion_tokens >= p.max_tokens:
             return "length"
         if self.max_model_len is not None and len(seq) >= self.max_model_len:
+            return "length"
+        if len(seq) > self.blocks.capacity:  # its last token has no slot even with the cache to itself
             return "length"
         return None
 

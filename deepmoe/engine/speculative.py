@@ -2,11 +2,14 @@
 
 The MTP layer proposes a draft token from its own distribution q; the main model then scores the last
 token and the drafts in one forward, giving the target distribution p at every draft position and one
-past them. Greedy requests keep drafts while they equal the target's argmax, so the output is exactly
-the non-speculative output. Sampling requests use standard speculative rejection sampling (Leviathan et
-al. 2023; Chen et al. 2023): keep draft d with probability min(1, p(d)/q(d)); at the first rejection
-draw from the residual max(0, p − q) renormalised; after all drafts are kept draw one bonus token from p.
-Every emitted token is then distributed exactly as p, whatever q is.
+past them. At each position the target draws its token exactly as plain decoding would (the argmax when
+greedy, else with the noise of that position's own generator), and the draft is kept while it equals that
+token. So the output is the non-speculative output token for token, for sampling as much as for greedy:
+it does not depend on whether a draft was there to verify (a preempted sequence loses its draft, a full
+cache or step drops it). The draft is drawn with the same noise as the target at its position, which
+couples the two draws (Gumbel-max coupling): equal distributions always agree, close ones usually do.
+This keeps fewer drafts than rejection sampling's Σ min(p, q) when p and q are far apart, in exchange for
+that reproducibility.
 """
 
 from __future__ import annotations
@@ -18,41 +21,25 @@ from .sequence import SamplingParams
 
 
 def propose(logits: torch.Tensor, p: SamplingParams, history: list[int], prompt_len: int,
-            generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
-    """The draft model's logits (V,) → a draft token and the distribution q it was drawn from (None when
-    greedy), with the request's own penalties, temperature and filters so q is close to the target."""
-    logp, q = distribution(logits, p, history, prompt_len)
-    return draw(logp, q, generator), q
+            generator: torch.Generator | None) -> int:
+    """The draft model's logits (V,) → a draft token, with the request's own penalties, temperature and
+    filters and the draft position's generator, so it matches the target's draw when the models agree."""
+    return draw(*distribution(logits, p, history, prompt_len), generator)
 
 
 def verify(target_logits: torch.Tensor, p: SamplingParams, history: list[int], prompt_len: int,
-           drafts: list[int], draft_probs: list[torch.Tensor | None], generator: torch.Generator | None
-           ) -> tuple[list[int], list[torch.Tensor]]:
-    """target_logits (k+1, V): the main model's logits after the last token and after each of the k drafts.
-    → the tokens to append (the kept drafts, then one corrected or bonus token: 1 .. k+1 of them) and the
-    target log-probabilities (V,) each was chosen under."""
+           drafts: list[int], generators: list[torch.Generator | None]) -> tuple[list[int], list[torch.Tensor]]:
+    """target_logits (k+1, V): the main model's logits after the last token and after each of the k drafts;
+    generators: one per position, as plain decoding would use there.
+    → the tokens to append (the kept drafts, then the target's own token at the first mismatch, or one
+    bonus token after them all: 1 .. k+1 of them) and the target log-probabilities (V,) each was chosen
+    under."""
     tokens: list[int] = []
     logprobs: list[torch.Tensor] = []
     for j, logits in enumerate(target_logits):
         logp, probs = distribution(logits, p, history + tokens, prompt_len)  # penalties see kept drafts
         logprobs.append(logp)
-        if j == len(drafts):  # every draft kept: one more token from the target, for free
-            tokens.append(draw(logp, probs, generator))
+        tokens.append(draw(logp, probs, generators[j]))
+        if j == len(drafts) or tokens[-1] != drafts[j]:
             break
-        d = drafts[j]
-        if probs is None:  # greedy: the target's choice, which is the draft when they agree
-            tokens.append(int(logp.argmax()))
-            if tokens[-1] != d:
-                break
-            continue
-        q = draft_probs[j]
-        u = torch.rand((), generator=generator, device=probs.device)
-        if u * q[d] < probs[d]:  # u < p(d) / q(d), without dividing by a q(d) that may be tiny
-            tokens.append(d)
-            continue
-        residual = (probs - q).clamp(min=0)
-        if not residual.sum() > 0:  # p == q up to rounding: the residual is empty, p itself is exact
-            residual = probs
-        tokens.append(int(torch.multinomial(residual, 1, generator=generator)))
-        break
     return tokens, logprobs

@@ -73,7 +73,8 @@ def cmd_serve(args) -> int:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype,
               kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative)
+              max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
+              cuda_graphs=not args.no_cuda_graphs)
     name = args.served_model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("DEEPMOE_API_KEY") or None
     run(build_app(llm.engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes), args.host, args.port)
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default: 64)")
     srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (default: 2048)")
     srv.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
+    srv.add_argument("--no-cuda-graphs", action="store_true",
+                     help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger bodies get 413 (default: 1 MiB)")
     srv.set_defaults(func=cmd_serve)
     return p

@@ -17,8 +17,8 @@ import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .durable import atomic_write_text, fsync_dir, fsync_file, mkdir, rename, resolve_dir, write_temp
 from .fp8 import dequantize_fp8_block
 from .model import DeepSeekModel
 
@@ -155,7 +156,10 @@ def _fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
 def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
                     load_mtp: bool = True) -> DeepSeekModel:
     """Load a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM directory (single or sharded, bf16 or FP8)."""
-    path = Path(path)
+    path = resolve_dir(given := Path(path))
+    if path != given:
+        log.warning("%s is missing but an interrupted replacement left its previous copy at %s; loading that",
+                    given, path)
     cfg = _read_config(path)
     files = SafetensorsFiles()
     key_files = _key_files(path, files)
@@ -228,6 +232,7 @@ def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, c
         if sl.get_dtype() in ("F8_E4M3", "F8_E5M2"):
             if block is None or key + "_scale_inv" not in key_files:
                 raise CheckpointError(f"{file.name}: {key} is fp8 but has no weight_scale_inv / quantization_config")
+            _validate_scale(key + "_scale_inv", key_files, files, shape, block)
         if shared or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue  # the MTP copy of the embedding/head, or a tied head: same weights as the embedding
         if expert is None:
@@ -242,68 +247,152 @@ def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, c
     return plan
 
 
+def _validate_scale(key: str, key_files: dict[str, Path], files: SafetensorsFiles, weight_shape: tuple[int, ...],
+                    block: tuple[int, int]) -> None:
+    """An fp8 weight [out, in] has one scale per weight_block_size block: [ceil(out/bm), ceil(in/bn)]."""
+    file = key_files[key]
+    if len(weight_shape) != 2 or len(block) != 2:
+        raise CheckpointError(f"{file.name}: {key.removesuffix('_scale_inv')} is fp8 with shape "
+                              f"{list(weight_shape)}; fp8 block weights are 2-D with a 2-D weight_block_size")
+    found = tuple(files[file].get_slice(key).get_shape())
+    want = tuple(-(-n // b) for n, b in zip(weight_shape, block))
+    if found != want:
+        raise CheckpointError(f"{file.name}: {key} has shape {list(found)}, expected {list(want)} for a "
+                              f"{list(weight_shape)} weight in {block[0]}x{block[1]} blocks (weight_block_size)")
+
+
 def _is_stacked(name: str) -> bool:
     return name.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj"))
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# Writing into a directory that already holds a checkpoint never leaves it unloadable: after a crash at
+# any step both readers find a complete set of weights, the old or the new. The readers differ: deepmoe
+# reads the index if there is one, else every *.safetensors; transformers reads model.safetensors if it
+# exists, else the index. So: (1) pin the old weights with an index if they have none; (2) write the new
+# shards under hidden temp names; (3) rename each to its final name unless the old index still reads that
+# name; (4) switch the index to the new shards (the commit); (5) move the held-back ones onto their final
+# names by hard link and point the index there; (6) delete stale files, and the index if one shard remains.
+# config.json is written after the weights: a re-save that changes the architecture is not atomic (write a
+# new directory and `deepmoe.durable.replace_dir` it onto the old one, as the trainer does).
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def write_weights(path: Path, shards: Iterable[dict[str, torch.Tensor]]) -> int:
+    """Write the shards (each a {checkpoint key: tensor} dict, produced one at a time) into `path` under
+    their standard names, plus the index when there are several; → the number of shards."""
+    index = path / INDEX_NAME
+    live = _pin_current_weights(path)  # the names the old checkpoint is read from
+    written: list[tuple[Path, list[str]]] = []
+    total = 0
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        for tensors in shards:
+            # ends in .safetensors: transformers picks the loader by the extension of the names in an index
+            tmp = write_temp(path, "model", lambda f, t=tensors: save_file(t, f, metadata={"format": "pt"}),
+                             suffix=".tmp.safetensors")
+            written.append((tmp, list(tensors)))
+            total += sum(t.nbytes for t in tensors.values())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
         raise
+    # from here on no cleanup on failure: the index may already read a temp shard
+    names = shard_names(len(written))
+    at = {}  # final name → where its data is now
+    for (tmp, _), name in zip(written, names, strict=True):
+        if name in live:  # the old index still reads this name: hold the new data back
+            at[name] = tmp
+        else:  # unread until the index switches (transformers' model.safetensors switches it alone)
+            rename(tmp, path / name)
+            at[name] = path / name
+
+    def write_index(where: dict[str, Path]) -> None:
+        weight_map = {k: where[name].name for (_, keys), name in zip(written, names) for k in keys}
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                            indent=2))
+
+    if index.exists() or len(names) > 1:
+        write_index(at)  # the commit: readers of the index now see only the new weights
+        held = [name for name in names if at[name] != path / name]
+        for name in held:
+            _link_over(at[name], path / name)
+        if held:
+            write_index({name: path / name for name in names})
+            for name in held:
+                at[name].unlink()
+    for f in [*path.glob("model*.safetensors"), *path.glob(".model*.tmp*")]:
+        if f.name not in names:  # the old layout's shards, and temp files of interrupted saves
+            f.unlink()
+    if len(names) == 1 and index.exists():  # last: until now it kept deepmoe off the stale shards
+        index.unlink()
+    fsync_dir(path)
+    return len(names)
+
+
+def _pin_current_weights(path: Path) -> set[str]:
+    """The file names the current checkpoint in `path` is read from. Without an index, write one that
+    lists them: from here on the index alone decides what deepmoe reads, so new shards appearing beside
+    the old ones are never mixed in."""
+    if (path / INDEX_NAME).is_file():
+        try:
+            return set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError):  # already unreadable: nothing to keep intact
+            return {f.name for f in path.glob("*.safetensors")}
+    if not any(path.glob("*.safetensors")):
+        return set()
+    try:
+        key_files = _key_files(path, SafetensorsFiles())
+    except CheckpointError:
+        return {f.name for f in path.glob("*.safetensors")}
+    weight_map = {k: f.name for k, f in key_files.items()}
+    total = sum(f.stat().st_size for f in set(key_files.values()))
+    atomic_write_text(path / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                    indent=2))
+    return set(weight_map.values())
+
+
+def _link_over(src: Path, dst: Path) -> None:
+    """Atomically make `dst` hold `src`'s data while `src` stays readable: a hard link, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, tmp)
+    fsync_file(tmp)
+    rename(tmp, dst)
 
 
 def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_size: int = 5 * 2**30,
                     dtype: torch.dtype | None = None) -> None:
-    """Write config.json + safetensors (sharded above max_shard_size bytes) that transformers loads."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Write config.json + safetensors (sharded above max_shard_size bytes) that transformers loads. Every
+    file is fsynced before it is renamed into place; an older checkpoint in `path` is replaced safely."""
+    path = mkdir(path)
     items = list(internal_to_hf(model))
     # plan shards from sizes alone, then materialise one shard at a time
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    plan: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for key, t in items:
         nbytes = t.numel() * (dtype.itemsize if dtype and t.is_floating_point() and not _keeps_fp32(key)
                               else t.element_size())
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
+        if plan[-1] and size + nbytes > max_shard_size:
+            plan.append([])
             size = 0
-        shards[-1].append((key, t))
+        plan[-1].append((key, t))
         size += nbytes
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards):
-        tensors = {}
-        for key, t in shard:
-            t = t.detach().to("cpu")
-            if dtype is not None and t.is_floating_point() and not _keeps_fp32(key):
-                t = t.to(dtype)
-            tensors[key] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
-            weight_map[key] = name
-            total += tensors[key].nbytes
-        _atomic_save_file(tensors, path / name)
-        del tensors
-    for stale in path.glob("model*.safetensors"):  # shards of an earlier save with another layout
-        if stale.name not in names:
-            stale.unlink()
-    index = path / INDEX_NAME
-    if n > 1:
-        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    elif index.exists():
-        index.unlink()
+
+    def shards() -> Iterator[dict[str, torch.Tensor]]:
+        for shard in plan:
+            tensors = {}
+            for key, t in shard:
+                t = t.detach().to("cpu")
+                if dtype is not None and t.is_floating_point() and not _keeps_fp32(key):
+                    t = t.to(dtype)
+                tensors[key] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
+            yield tensors
+
+    write_weights(path, shards())
     cfg = model.config.to_hf_dict()
     cfg.pop("quantization_config", None)  # we always write dequantized weights
     cfg.pop("dtype", None)  # transformers v5's spelling; one declared dtype only

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .durable import atomic_write_text, fsync_dir, mkdir
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,7 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json into `path` (created if needed), each atomically,
         in the layout `transformers.AutoTokenizer.from_pretrained(path)` reads."""
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
+        root = mkdir(path)
         config: dict[str, Any] = dict(self.extra_config)
         # transformers would otherwise "clean up" spaces before punctuation and break exact round trips
         config.setdefault("clean_up_tokenization_spaces", False)
@@ -182,14 +182,15 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
-        _atomic_write(root / TOKENIZER_FILE, self.backend.to_str(pretty=True))
-        _atomic_write(root / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(root / TOKENIZER_FILE, self.backend.to_str(pretty=True))
+        atomic_write_text(root / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         # a leftover chat_template.jinja would override the template just written to the config on load
         if (root / CHAT_TEMPLATE_FILE).exists():
             if self.chat_template is None:
                 os.remove(root / CHAT_TEMPLATE_FILE)
+                fsync_dir(root)
             else:
-                _atomic_write(root / CHAT_TEMPLATE_FILE, self.chat_template)
+                atomic_write_text(root / CHAT_TEMPLATE_FILE, self.chat_template)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
@@ -279,21 +280,3 @@ def _compile_template(source: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
-
-
-def _atomic_write(dest: Path, text: str) -> None:
-    # same-directory temp file so os.replace is a rename on one filesystem: readers see old or new, never half
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a tokenizer directory is meant to be shared
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise

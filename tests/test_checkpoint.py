@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import deepmoe
-from deepmoe.checkpoint import CheckpointError
+from deepmoe.checkpoint import CheckpointError, internal_to_hf
 from deepmoe.cli import main as cli
 
 from .conftest import v3_config, write_fp8_twin
+from .crashes import Crash, crash_at, run_until_complete
 
 
 @pytest.fixture
@@ -40,7 +42,8 @@ def test_sharded_save_has_index_and_mtp_keys(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
         h = back.hidden_states(x)
-        assert all(torch.equal(a, b) for a, b in zip(back.mtp_logits(h, x), model.mtp_logits(model.hidden_states(x), x)))
+        assert all(torch.equal(a, b) for a, b in zip(back.mtp_logits(h, x), model.mtp_logits(model.hidden_states(x), x),
+                                                     strict=True))
     # a re-save unsharded removes the stale shards and index
     deepmoe.save_pretrained(model, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
@@ -133,6 +136,7 @@ def test_convert_fp8_to_bf16_and_reshard(tmp_path, capsys):
     a = deepmoe.load_pretrained(out, dtype=torch.float32).state_dict()
     b = deepmoe.load_pretrained(tmp_path / "twin", dtype=torch.float32).state_dict()
     # converted = bf16(dequantized fp8), tensor for tensor; the routing bias stays fp32
+    assert a.keys() == b.keys()
     for k in b:
         want = b[k] if k.endswith("e_score_correction_bias") else b[k].bfloat16().float()
         assert torch.equal(a[k], want), k
@@ -184,3 +188,86 @@ def test_layers_beyond_config_are_unexpected_unless_mtp_is_skipped(saved, caplog
     m = deepmoe.load_pretrained(path, dtype=torch.float32, load_mtp=False)
     assert len(m.mtp) == 0
     assert torch.equal(m.lm_head.weight, model.lm_head.weight)
+
+
+def _weights_view_of_transformers(path):
+    """The tensors transformers would read: model.safetensors if present, else the index's files
+    (transformers' `_get_resolved_checkpoint_files` checks in that order)."""
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for key, name in weight_map.items():
+        with safe_open(str(path / name), "pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
+
+
+@pytest.mark.parametrize("old_shard,new_shard", [(None, None), (900_000, 900_000), (900_000, None),
+                                                 (None, 900_000), (900_000, 600_000)],  # 3 and 4 shards
+                         ids=["single-single", "same-shard-names", "sharded-single", "single-sharded",
+                              "reshard"])
+def test_resave_into_a_checkpoint_directory_survives_a_crash_at_every_step(tmp_path, monkeypatch, old_shard,
+                                                                            new_shard):
+    big = 10**12
+    old, new = (deepmoe.build_model(v3_config(), seed=s) for s in (1, 2))
+    hf_old, hf_new = ({k: t.contiguous() for k, t in internal_to_hf(m)} for m in (old, new))
+    deepmoe.save_pretrained(old, tmp_path, max_shard_size=old_shard or big)
+    seen = []
+
+    def check():
+        got = deepmoe.load_pretrained(tmp_path, dtype=torch.float32).state_dict()
+        which = "old" if all(torch.equal(got[k], v) for k, v in old.state_dict().items()) else "new"
+        assert got.keys() == new.state_dict().keys()
+        assert which == "old" or all(torch.equal(got[k], v) for k, v in new.state_dict().items())
+        hf = _weights_view_of_transformers(tmp_path)
+        ref = hf_old if all(torch.equal(hf[k], v) for k, v in hf_old.items() if k in hf) else hf_new
+        assert hf.keys() == ref.keys() and all(torch.equal(hf[k], v) for k, v in ref.items())
+        seen.append(which)
+
+    steps = run_until_complete(monkeypatch, lambda: deepmoe.save_pretrained(new, tmp_path,
+                                                                           max_shard_size=new_shard or big), check)
+    assert steps >= 3 and seen[0] == "old" and seen[-1] == "new"
+    # the end state is a plain checkpoint of the new layout: no temp files, no stale shards
+    index = tmp_path / "model.safetensors.index.json"
+    names = set(json.loads(index.read_text())["weight_map"].values()) if new_shard else {"model.safetensors"}
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {f for f in files if not f.startswith(".")} == names | {"config.json"} | ({index.name} if new_shard else set())
+    assert not any(f.startswith(".model") for f in files)  # (a crashed config.json write may leave its temp)
+
+
+def test_staged_shards_load_in_transformers(tmp_path, monkeypatch):
+    """Re-saving with the same shard names stages the new shards under temp names the index points at;
+    transformers loads that state too."""
+    transformers = pytest.importorskip("transformers")
+    old, new = (deepmoe.build_model(v3_config(num_nextn_predict_layers=0), seed=s) for s in (1, 2))
+    deepmoe.save_pretrained(old, tmp_path, max_shard_size=900_000)
+    index = tmp_path / "model.safetensors.index.json"
+    for k in range(100):
+        with crash_at(monkeypatch, k):
+            with pytest.raises(Crash):
+                deepmoe.save_pretrained(new, tmp_path, max_shard_size=900_000)
+        if any(name.startswith(".") for name in json.loads(index.read_text())["weight_map"].values()):
+            break
+    else:
+        raise AssertionError("no step of the save had the index on staged shards")
+    deepmoe.save_pretrained(new, tmp_path / "clean")
+    x = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        staged, clean = (transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)(x).logits
+                         for p in (tmp_path, tmp_path / "clean"))
+    assert torch.equal(staged, clean)
+
+
+@pytest.mark.parametrize("bad_shape", [(1, 1), (2, 2)], ids=["truncated", "too-wide"])
+def test_fp8_scale_shape_is_checked_before_loading(tmp_path, monkeypatch, bad_shape):
+    deepmoe.save_pretrained(deepmoe.build_model(v3_config(num_nextn_predict_layers=0), seed=1), tmp_path / "src")
+    write_fp8_twin(tmp_path / "src", tmp_path / "fp8", tmp_path / "twin", block=(32, 32))
+    key = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"  # a [64, 32] weight: 2 x 1 blocks
+    _rewrite(tmp_path / "fp8", lambda t: t.__setitem__(key, torch.ones(bad_shape)))
+    dequantized = []
+    monkeypatch.setattr(deepmoe.checkpoint, "dequantize_fp8_block", lambda *a: dequantized.append(a))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} has shape \[{bad_shape[0]}, {bad_shape[1]}\], "
+                                              r"expected \[2, 1\] for a \[64, 32\] weight in 32x32 blocks"):
+        deepmoe.load_pretrained(tmp_path / "fp8")
+    assert dequantized == []  # found from the headers, before any weight was read

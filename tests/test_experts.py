@@ -45,5 +45,5 @@ def test_experts_forward_and_backward_match_naive():
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, ex.gate_proj, ex.down_proj], grad)
     want = torch.autograd.grad(ref, [x, ex.gate_proj, ex.down_proj], grad)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -52,7 +52,7 @@ def read_metrics(run):
 def assert_same_run(a, b):
     ma, mb = read_metrics(a), read_metrics(b)
     assert [(r["kind"], r["step"]) for r in ma] == [(r["kind"], r["step"]) for r in mb]
-    for ra, rb in zip(ma, mb):
+    for ra, rb in zip(ma, mb, strict=True):
         for key in EXACT:
             assert ra.get(key) == rb.get(key), (ra["kind"], ra["step"], key)
     wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
@@ -195,6 +195,7 @@ def test_non_finite_step_is_skipped(setup, monkeypatch):
     record = trainer.train_step()
     assert record["skipped"] and record["grad_norm"] != record["grad_norm"]  # NaN
     after = trainer.model.state_dict()
+    assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and routing biases untouched
     assert trainer.state["skipped_steps"] == 1 and trainer.state["step"] == 2
     monkeypatch.setattr(loop.Trainer, "forward_backward", original)

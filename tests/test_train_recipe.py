@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deepmoe.model import build_model
-from deepmoe.model.experts import drop_over_capacity, grouped_mm_reference
+from deepmoe.model.experts import drop_over_capacity
 from deepmoe.model.moe import MoE
 from deepmoe.model.router import Routing
 from deepmoe.train.balance import expert_counts, load_metrics, moe_layers, update_bias
@@ -122,19 +122,28 @@ def test_expert_counts():
     assert expert_counts([r, r], 4).tolist() == [[1, 3, 1, 1]] * 2
 
 
+def kept_copies(indices: torch.Tensor, weights: torch.Tensor, capacity: int, n_experts: int) -> list[list[int]]:
+    """The definition of capacity dropping, as a plain loop: per expert, its token copies (flat positions
+    n·k + j) by routing weight, highest first, ties by position; the first `capacity` stay."""
+    flat, w = indices.flatten().tolist(), weights.flatten().tolist()
+    out = []
+    for e in range(n_experts):
+        mine = [p for p in range(len(flat)) if flat[p] == e]
+        mine.sort(key=lambda p: (-w[p], p))
+        out.append(mine[:capacity])
+    return out
+
+
 def test_drop_over_capacity_keeps_highest_weights():
     torch.manual_seed(0)
     E, N, k, cap = 4, 10, 2, 3
     indices = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
-    weights = torch.rand(N, k)
+    weights = torch.randint(1, 4, (N, k)) / 4  # few distinct values: ties decide places
     order, counts = drop_over_capacity(indices.flatten(), weights.flatten(), cap, E)
-    flat, w = indices.flatten(), weights.flatten()
-    for e in range(E):
-        mine = (flat == e).nonzero().flatten()
-        expect = mine[w[mine].argsort(descending=True)][:cap]
-        got = order[counts[:e].sum(): counts[:e + 1].sum()]
-        assert got.tolist() == expect.tolist()
-    assert counts.tolist() == torch.bincount(flat, minlength=E).clamp(max=cap).tolist()
+    expect = kept_copies(indices, weights, cap, E)
+    assert counts.tolist() == [len(kept) for kept in expect]
+    assert order.tolist() == [p for kept in expect for p in kept]  # grouped by expert, in that order
+    assert any(len(kept) < (indices == e).sum() for e, kept in enumerate(expect))  # something was dropped
 
 
 def test_moe_capacity_factor_matches_reference_and_dropless_limit():
@@ -148,13 +157,15 @@ def test_moe_capacity_factor_matches_reference_and_dropless_limit():
     dropless = moe(x)
     assert torch.allclose(moe(x, capacity_factor=float(cfg.n_routed_experts)), dropless)  # cap >= all copies
     y = moe(x, capacity_factor=0.5)  # capacity ceil(0.5 · 12·2 / 8) = 2 copies per expert
-    order, counts = drop_over_capacity(routing.indices.flatten(), routing.weights.flatten(), 2, 8)
-    xs = x.view(-1, cfg.hidden_size)[order // 2]
+    # token by token over the kept copies only: SwiGLU expert output times its routing weight
     e = moe.experts
-    h = torch.nn.functional.silu(grouped_mm_reference(xs, e.gate_proj, counts)) * grouped_mm_reference(
-        xs, e.up_proj, counts)
-    ys = grouped_mm_reference(h, e.down_proj, counts) * routing.weights.flatten()[order, None]
-    ref = torch.zeros(12, cfg.hidden_size).index_add_(0, order // 2, ys)
+    xs, k = x.view(12, -1), cfg.num_experts_per_tok
+    ref = torch.zeros(12, cfg.hidden_size)
+    for p in (p for kept in kept_copies(routing.indices, routing.weights, 2, 8) for p in kept):
+        n, j = divmod(p, k)
+        ex = routing.indices[n, j]
+        h = torch.nn.functional.silu(xs[n] @ e.gate_proj[ex].T) * (xs[n] @ e.up_proj[ex].T)
+        ref[n] += routing.weights[n, j] * (h @ e.down_proj[ex].T)
     assert torch.allclose(y.view(12, -1), ref, atol=1e-6)
     assert not torch.allclose(y, dropless)  # something was dropped
 

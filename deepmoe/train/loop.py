@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_text, load_pretrained
+from ..checkpoint import load_pretrained
 from ..config import ModelConfig
 from ..data import BatchSampler
+from ..durable import atomic_write_text, mkdir, replace_dir
 from ..generate import generate
 from ..model import build_model
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
@@ -34,7 +35,7 @@ from .evaluate import evaluate
 from .losses import cross_entropy, mtp_loss, sequence_balance_loss
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
-from .state import TRAIN_CONFIG, list_checkpoints, load_trainer_state, replace_dir, save_checkpoint, write_model_dir
+from .state import TRAIN_CONFIG, list_checkpoints, load_trainer_state, save_checkpoint, write_model_dir
 from .transforms import apply_activation_checkpointing, apply_compile, autocast_context
 
 SAMPLE_PROMPT = "def "
@@ -77,7 +78,7 @@ class Trainer:
         self.data: TrainData = prepare_data(
             cfg.data, seq_len=cfg.seq_len, vocab_size=model_cfg.vocab_size, cache_dir=cfg.cache_dir,
             val_fraction=cfg.val_fraction, seed=cfg.seed, text_field=cfg.text_field, tokenizer_dir=cfg.tokenizer)
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
+        mkdir(self.run_dir)  # only once the data is known to be usable
         ckpt = checkpoints[-1] if resume else None
         if ckpt is not None:
             self.model = load_pretrained(ckpt, device=self.device, dtype=torch.float32)

@@ -5,15 +5,15 @@
         train_config.json                                     the run's resolved TrainConfig
         trainer_state/optimizer.safetensors                   AdamW moments and step per parameter, RNG state
         trainer_state/state.json                              step, tokens, counters, data-sampler position
-A checkpoint is built in a hidden temp directory and renamed into place in one step, so a crash at any
-moment leaves every existing checkpoint intact and never a half-written one under a step-* name. No pickle:
-tensors are safetensors, the rest JSON.
+A checkpoint is built in a hidden temp directory, every file and directory in it fsynced, and moved into
+place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at any moment leaves every
+existing checkpoint intact and never a half-written one under a step-* name. No pickle: tensors are
+safetensors, the rest JSON.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write_text, save_pretrained
+from ..checkpoint import save_pretrained
+from ..durable import atomic_write, atomic_write_text, mkdir, recover_dir, remove_dir, replace_dir
 from ..model import DeepSeekModel
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
@@ -46,37 +47,24 @@ def write_model_dir(path: Path, model: DeepSeekModel, tokenizer: Tokenizer, cfg:
     atomic_write_text(path / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory onto `final`, replacing an older one without a moment where
-    neither exists under a name a reader trusts."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
 def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig, state: dict[str, Any]) -> Path:
     """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
+    root = mkdir(run_dir / CHECKPOINTS)
     final = root / f"step-{state['step']:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         write_model_dir(tmp, model, tokenizer, cfg)
-        (tmp / STATE_JSON).parent.mkdir()
-        save_file(_optimizer_tensors(model, optimizer) | _rng_tensors(), str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2))
+        mkdir((tmp / STATE_JSON).parent)
+        tensors = _optimizer_tensors(model, optimizer) | _rng_tensors()
+        atomic_write(tmp / STATE_TENSORS, lambda path: save_file(tensors, path))
+        atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=2))
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return final
 
 
@@ -85,6 +73,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
+    for side in root.glob(".step-*.old"):  # a replacement of step-N cut between its two renames
+        recover_dir(root / side.name.removeprefix(".").removesuffix(".old"))
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and (p / STATE_JSON).is_file()]
     return [p for _, p in sorted(found)]

@@ -155,7 +155,8 @@ def _fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
 
 def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
                     load_mtp: bool = True) -> DeepSeekModel:
-    """Load a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM directory (single or sharded, bf16 or FP8)."""
+    """Load a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM directory (single or sharded, bf16 or FP8), in
+    eval mode like transformers' from_pretrained (parameters still require grad: call .train() to train)."""
     path = resolve_dir(given := Path(path))
     if path != given:
         log.warning("%s is missing but an interrupted replacement left its previous copy at %s; loading that",
@@ -170,17 +171,25 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     has_mtp = any((m := _LAYER.match(k)) and int(m.group(1)) >= L for k in key_files)
     skip_mtp = D and (not has_mtp or not load_mtp)
+    skip_layers = set(range(L, L + D)) if skip_mtp else set()
     if skip_mtp:
         if not has_mtp:  # transformers drops MTP weights when it saves; the config still declares them
             log.warning("%s: config declares %d MTP layer(s) but the checkpoint holds no MTP weights; "
                         "loading without MTP", path, D)
         cfg = cfg.replace(num_nextn_predict_layers=0)
+    elif not D:  # MTP weights a config without MTP does not declare: transformers ignores them, so do we
+        mtp = sorted({int(m.group(1)) for k in key_files if (m := _LAYER.match(k)) and int(m.group(1)) >= L
+                      and m.group(2).startswith("eh_proj.")})
+        if mtp:
+            log.warning("%s: the checkpoint holds %d MTP layer(s) but num_nextn_predict_layers is 0; loading "
+                        "without MTP", path, len(mtp))
+            skip_layers = set(mtp)
 
     with torch.device("meta"):
         model = DeepSeekModel(cfg)
     model = model.to(dtype)
     targets = model.state_dict(keep_vars=True)
-    plan = _validate(path, key_files, files, cfg, targets, block, L + D if skip_mtp else None)
+    plan = _validate(path, key_files, files, cfg, targets, block, skip_layers)
     model = model.to_empty(device=device)
     model.tie_weights()
     model.reset_buffers()
@@ -194,15 +203,15 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
                     t = dequantize_fp8_block(t, scale, block, torch.float32)
                 dst = targets[name] if expert is None else targets[name][expert]
                 dst.copy_(t.to(dst.dtype))
-    return model
+    return model.eval()  # as transformers' from_pretrained: ready for inference; training calls .train()
 
 
 def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, cfg: ModelConfig,
               targets: dict[str, torch.Tensor],
-              block, skip_below: int | None) -> dict[Path, dict[str, tuple[str, int | None]]]:
+              block, skip_layers: set[int]) -> dict[Path, dict[str, tuple[str, int | None]]]:
     """Check every key and shape from the headers alone; return file → {key: (model key, expert)}.
 
-    `skip_below`: MTP layers (index ≥ num_hidden_layers and below this) are present but not loaded."""
+    `skip_layers`: MTP layers present in the checkpoint but not loaded."""
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     plan: dict[Path, dict[str, tuple[str, int | None]]] = {}
     needed = {n: (set(range(t.shape[0])) if _is_stacked(n) else None) for n, t in targets.items()}
@@ -215,7 +224,7 @@ def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, c
             continue
         m = _LAYER.match(key)
         if m and int(m.group(1)) >= L + D:
-            if skip_below is not None and int(m.group(1)) < skip_below:
+            if int(m.group(1)) in skip_layers:
                 continue  # MTP weights we chose not to load
             raise CheckpointError(f"{file.name}: unexpected key {key} (config has {L} layers + {D} MTP)")
         name, expert, shared = hf_to_internal(key, cfg)

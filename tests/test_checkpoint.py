@@ -1,6 +1,7 @@
 """Checkpoint I/O: sharding, MTP keys, and clear errors for bad checkpoints."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -178,11 +179,12 @@ def test_cli_info_prints_counts(capsys):
     assert "available" in capsys.readouterr().err
 
 
-def test_layers_beyond_config_are_unexpected_unless_mtp_is_skipped(saved, caplog):
+def test_layers_beyond_config_are_unexpected_unless_they_are_mtp(saved):
     model, path = saved
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
-    with pytest.raises(CheckpointError, match=r"unexpected key model\.layers\.3\..*3 layers \+ 0 MTP"):
+    # a decoder layer the config does not have (layer 2 of 3 when it says 2) is an error; MTP layers are not
+    (path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match=r"unexpected key model\.layers\.2\..*2 layers \+ 0 MTP"):
         deepmoe.load_pretrained(path)
     (path / "config.json").write_text(json.dumps(cfg))
     m = deepmoe.load_pretrained(path, dtype=torch.float32, load_mtp=False)
@@ -271,3 +273,24 @@ def test_fp8_scale_shape_is_checked_before_loading(tmp_path, monkeypatch, bad_sh
                                               r"expected \[2, 1\] for a \[64, 32\] weight in 32x32 blocks"):
         deepmoe.load_pretrained(tmp_path / "fp8")
     assert dequantized == []  # found from the headers, before any weight was read
+
+
+def test_loaded_model_is_in_eval_mode(tmp_path):
+    deepmoe.save_pretrained(deepmoe.build_model(v3_config(num_nextn_predict_layers=0)).train(), tmp_path)
+    model = deepmoe.load_pretrained(tmp_path, dtype=torch.float32)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_mtp_weights_with_a_config_without_mtp_load_without_them(tmp_path, caplog):
+    """transformers ignores MTP keys its config does not declare; so do we, saying so once."""
+    model = deepmoe.build_model(v3_config(num_nextn_predict_layers=1), seed=2)
+    deepmoe.save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+    with caplog.at_level(logging.WARNING, logger="deepmoe"):
+        plain = deepmoe.load_pretrained(tmp_path, dtype=torch.float32)
+    assert "holds 1 MTP layer(s) but num_nextn_predict_layers is 0" in caplog.text
+    assert len(plain.mtp) == 0
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(plain(x), model.eval()(x))

@@ -33,42 +33,66 @@ def buckets_up_to(max_num_seqs: int) -> list[int]:
 
 class DecodeBatch:
     """The model's LatentCache view for a static decode step: slots computed on the device.
-    tables (B, W) block ids, positions (B,) of the new token (-1 for a padding row)."""
+    tables (B, W) block ids, positions (B,) of the new token (-1 for a padding row). With `kernel`, attention
+    reads the cache's blocks in place (kernels/paged_mla_decode.py); otherwise every row's W·block_size
+    positions are gathered and masked by position (the torch path, and the reference)."""
 
-    def __init__(self, cache: PagedLatentCache, tables: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, cache: PagedLatentCache, tables: torch.Tensor, positions: torch.Tensor, kernel: bool = False):
         bs = cache.block_size
-        self.cache = cache
+        self.cache, self.tables, self.positions, self.kernel = cache, tables, positions, kernel
         slot = tables.gather(1, (positions.clamp(min=0) // bs)[:, None]) * bs + (positions % bs)[:, None]
         self.write = torch.where(positions[:, None] >= 0, slot, cache.scratch)  # (B, 1)
-        every = torch.arange(tables.shape[1] * bs, device=tables.device)  # positions 0 .. W·bs - 1
-        self.read = tables[:, every // bs] * bs + every % bs  # (B, S); the mask hides what lies past a row's end
+        if not kernel:
+            every = torch.arange(tables.shape[1] * bs, device=tables.device)  # positions 0 .. W·bs - 1
+            self.read = tables[:, every // bs] * bs + every % bs  # (B, S); the mask hides a row's tail
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos):
         c, k = self.cache.c_kv[layer_idx], self.cache.k_pe[layer_idx]
         slots = self.write.reshape(-1)
         c.index_copy_(0, slots, c_kv.reshape(-1, c.shape[-1]).to(c.dtype))
         k.index_copy_(0, slots, k_pe.reshape(-1, k.shape[-1]).to(k.dtype))
+        if self.kernel:
+            return None  # `attend` reads the blocks in place
         return c[self.read], k[self.read]  # (B, S, ·)
 
+    def attend(self, layer_idx: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
+        from ..kernels import paged_mla_decode  # Triton loads only when the kernel is used
 
-def decode_hidden(model: DeepSeekModel, cache: PagedLatentCache, staged: torch.Tensor) -> torch.Tensor:
+        # one query per row at `positions`: it sees positions 0 .. p, so p + 1 keys (a padding row: none)
+        o = paged_mla_decode(q_lat[:, :, 0], q_pe[:, :, 0], self.cache.c_kv[layer_idx], self.cache.k_pe[layer_idx],
+                             self.tables, self.positions + 1, self.cache.block_size, scale, use_triton=True)
+        return o.unsqueeze(2)  # (B, H, 1, r)
+
+
+def decode_hidden(model: DeepSeekModel, cache: PagedLatentCache, staged: torch.Tensor, kernel: bool = False
+                  ) -> torch.Tensor:
     """staged (B, 2 + W) int64 rows [token, position, block table] → final hidden states (B, d)."""
     ids, positions, tables = staged[:, :1], staged[:, 1], staged[:, 2:]
-    batch = DecodeBatch(cache, tables, positions)
+    batch = DecodeBatch(cache, tables, positions, kernel)
     return model.hidden_states(ids, cache=batch, start_pos=positions.clamp(min=0), sync_free=True)[:, 0]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class StaticDecoder:
     """Fixed per-bucket buffers for decode steps, replayed as CUDA graphs, compiled, or run eagerly."""
 
     def __init__(self, model: DeepSeekModel, cache: PagedLatentCache, max_num_seqs: int, max_blocks: int,
-                 mode: str = "graphs", compile_backend: str = "inductor"):
+                 mode: str = "graphs", compile_backend: str = "inductor", paged_kernel: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
         device = cache.c_kv.device
         if mode == "graphs" and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; use mode 'compiled' or 'static' elsewhere")
-        self.model, self.cache, self.mode = model, cache, mode
+        if paged_kernel is None:  # the Triton paged-attention kernel wherever it can run natively
+            paged_kernel = device.type == "cuda" and _triton_available()
+        self.model, self.cache, self.mode, self.kernel = model, cache, mode, paged_kernel
         self.width = 2 + max_blocks
         self.buckets = buckets_up_to(max_num_seqs)
         pin = device.type == "cuda"
@@ -94,11 +118,11 @@ class StaticDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy initialisation and autotuning happen outside the graph
-                    decode_hidden(self.model, self.cache, staged)
+                    decode_hidden(self.model, self.cache, staged, self.kernel)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = decode_hidden(self.model, self.cache, staged)
+                self.outputs[b] = decode_hidden(self.model, self.cache, staged, self.kernel)
             pool = graph.pool()
             self.graphs[b] = graph
         # the warm-ups and captures wrote padding latents to the scratch slot only: the cache is untouched
@@ -129,4 +153,4 @@ class StaticDecoder:
         if self.mode == "graphs":
             self.graphs[b].replay()
             return self.outputs[b][:n]
-        return self.step(self.model, self.cache, self.staged[b])[:n]
+        return self.step(self.model, self.cache, self.staged[b], self.kernel)[:n]

@@ -28,8 +28,14 @@ class LatentCache(Protocol):
     """What the model needs from a KV cache; allocation and layout belong to the caller."""
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, T, r) latents and (B, T, d_rope) rope keys at start_pos; return all keys so far."""
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Store (B, T, r) latents and (B, T, d_rope) rope keys at start_pos; return all keys so far, or None
+        when the cache attends itself (a paged kernel reading its blocks in place): then `attend` is called."""
+        ...
+
+    def attend(self, layer_idx: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
+        """Only for caches whose update returns None: q_lat (B, H, T, r), q_pe (B, H, T, d_rope) over the
+        cached latents (keys up to each query's position) → o_lat (B, H, T, r)."""
         ...
 
 
@@ -70,7 +76,11 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # (B, T, d_rope)
 
         if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe, start_pos)
+            keys = cache.update(self.layer_idx, c_kv, k_pe, start_pos)
+            if keys is None:  # the cache attends in place
+                return self.o_proj(self._absorbed(q_nope, q_pe, None, None, 0, cache).reshape(
+                    B, T, self.n_heads * self.v_dim))
+            c_kv, k_pe = keys
             absorb = True
         if absorb:
             # the keys start at position 0 of the cache, or, without one, at this call's first token
@@ -95,20 +105,25 @@ class MLA(nn.Module):
                                              is_causal=True, scale=self.scale)
         return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, v)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int | torch.Tensor) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int | torch.Tensor,
+                  cache: LatentCache | None = None) -> torch.Tensor:
+        """Attention over the latents c_kv (B, S, r), k_pe (B, S, d_rope), or, given a cache that attends in
+        place, over the cache's own blocks."""
         B, T, H, _ = q_nope.shape
-        S = c_kv.shape[1]
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
         # batched matmuls over (B, H): cheaper to dispatch than einsum at decode sizes
         q_lat = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, r): the query in latent space
         q_pe = q_pe.transpose(1, 2)  # (B, H, T, d_rope)
-        # a long prefill chunk over a long history would materialise all (B, H, T, S) scores at once:
-        # take the queries in slices so the scores stay under SCORES_BUDGET elements
-        step = max(1, SCORES_BUDGET // (B * H * S))
-        slices = [self._attend_latent(q_lat[:, :, i:i + step], q_pe[:, :, i:i + step], c_kv, k_pe, start_pos, i)
-                  for i in range(0, T, step)]
-        o_lat = slices[0] if len(slices) == 1 else torch.cat(slices, dim=2)  # (B, H, T, r); decode: no copy
+        if cache is not None:
+            o_lat = cache.attend(self.layer_idx, q_lat, q_pe, self.scale)
+        else:
+            # a long prefill chunk over a long history would materialise all (B, H, T, S) scores at once:
+            # take the queries in slices so the scores stay under SCORES_BUDGET elements
+            step = max(1, SCORES_BUDGET // (B * H * c_kv.shape[1]))
+            slices = [self._attend_latent(q_lat[:, :, i:i + step], q_pe[:, :, i:i + step], c_kv, k_pe, start_pos, i)
+                      for i in range(0, T, step)]
+            o_lat = slices[0] if len(slices) == 1 else torch.cat(slices, dim=2)  # (B, H, T, r); decode: no copy
         return (o_lat @ w_uv.mT).transpose(1, 2)  # (B, T, H, v)
 
     def _attend_latent(self, q_lat, q_pe, c_kv, k_pe, start_pos: int | torch.Tensor, first: int) -> torch.Tensor:

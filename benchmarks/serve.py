@@ -4,8 +4,9 @@
 The server runs in this process on a free loopback port (the real FastAPI app, engine thread and SSE
 path); a load generator opens N streams at once, each a different random prompt of --prompt-len tokens
 asking for exactly --new-tokens tokens (eos ignored). Reported: generated tokens/s over the whole burst,
-time to first token and end-to-end latency percentiles. The reference is transformers generating the
-same N prompts as one padded-free batch (all prompts have the same length).
+time to first token and end-to-end latency percentiles. The reference is transformers (grouped_mm experts
+by default, --hf-impl) generating the same N prompts as one padding-free batch (all prompts have the same
+length), also exactly --new-tokens each.
 
     python benchmarks/serve.py                                   # tiny, random weights, CPU
     python benchmarks/serve.py --model runs/tiny/final --requests 64
@@ -124,38 +125,45 @@ def main(argv=None) -> int:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(load_generator, port, prompts.tolist(), args.new_tokens).result()
 
-    def run_hf() -> float:
+    def run_hf(model) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = hf.generate(prompts.to(device), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                              do_sample=False, pad_token_id=0)
+            # no eos in its generation config (contenders.py): exactly new_tokens, no extra logits processor
+            out = model.generate(prompts.to(device), max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         assert out.shape[1] == args.prompt_len + args.new_tokens
         return time.perf_counter() - t0
 
-    run_ours()  # warm up both
-    run_hf()
-    ours_t, hf_t, lat = [], [], None
+    run_ours()  # warm up all
+    for model in hf.values():
+        run_hf(model)
+    ours_t, hf_t, lat = [], {impl: [] for impl in hf}, None
     for _ in range(args.rounds):
         wall, results = run_ours()
         assert all(n == args.new_tokens for _, _, n in results), "a stream ended early"
         ours_t.append(wall)
         lat = results
-        hf_t.append(run_hf())
+        for impl, model in hf.items():
+            hf_t[impl].append(run_hf(model))
     server.should_exit = True
     thread.join(30)
     total = args.requests * args.new_tokens
-    ours_rate, hf_rate = total / statistics.median(ours_t), total / statistics.median(hf_t)
+    ours_rate = total / statistics.median(ours_t)
+    hf_rate = {impl: total / statistics.median(t) for impl, t in hf_t.items()}
     print(f"{models.describe()}, {args.requests} concurrent "
           f"requests, prompt {args.prompt_len}, {args.new_tokens} new tokens each, {str(dtype).removeprefix('torch.')}")
     ttft, e2e = [r[0] for r in lat], [r[1] for r in lat]
     print(f"deepmoe serve  {ours_rate:8.1f} tok/s over HTTP/SSE (median of {args.rounds} bursts); TTFT p50 "
           f"{pct(ttft, .5) * 1e3:.0f} ms p99 {pct(ttft, .99) * 1e3:.0f} ms; latency p50 {pct(e2e, .5):.2f} s "
           f"p99 {pct(e2e, .99):.2f} s")
-    print(f"deepmoe engine {total / statistics.median(offline_t):8.1f} tok/s (the same requests offline, no HTTP)")
-    print(f"transformers   {hf_rate:8.1f} tok/s (batched generate, {args.hf_impl}, no server)")
-    print(f"deepmoe serve / transformers: {ours_rate / hf_rate:.2f}x")
+    engine_rate = total / statistics.median(offline_t)
+    print(f"deepmoe engine {engine_rate:8.1f} tok/s (the same requests offline, no HTTP)")
+    for impl, rate in hf_rate.items():
+        print(f"transformers   {rate:8.1f} tok/s (batched generate, {impl} experts, no server)")
+    best = max(hf_rate, key=hf_rate.get)
+    print(f"deepmoe serve / transformers {best} (fastest): {ours_rate / hf_rate[best]:.2f}x; "
+          f"deepmoe engine / transformers {best}: {engine_rate / hf_rate[best]:.2f}x")
     return 0
 
 

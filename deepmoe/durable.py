@@ -23,7 +23,31 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-FILE_MODE = 0o644  # mkstemp makes 0600; model directories are meant to be shared
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode `open()` / `mkdir()` would give under the process umask: mkstemp and mkdtemp make 0600 and
+    0700, which would hide a trained model from the other users of a shared machine."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def mkdtemp(prefix: str, dir: str | os.PathLike) -> Path:
+    """A fresh hidden directory to fill before `replace_dir` moves it into place, with the umask's mode."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(path, default_mode(directory=True))
+    return path
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -77,7 +101,7 @@ def write_temp(directory: str | os.PathLike, name: str, write: Callable[[str], o
     try:
         write(tmp)
         fsync_file(tmp)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, default_mode())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -294,3 +294,16 @@ def test_mtp_weights_with_a_config_without_mtp_load_without_them(tmp_path, caplo
     x = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert torch.equal(plain(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Not mkstemp's private 0600/0700: on a shared machine others can read a model when the umask says so."""
+    old = os.umask(umask)
+    try:
+        deepmoe.save_pretrained(deepmoe.build_model(v3_config(num_nextn_predict_layers=0)), tmp_path / "m")
+    finally:
+        os.umask(old)
+    for f in ("config.json", "model.safetensors"):
+        assert (tmp_path / "m" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..durable import mkdtemp
 from ..tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def load_or_train_tokenizer(cache_dir: str | os.PathLike, train_texts: Callable[
         tokenizer = train_bpe(train_texts(), vocab_size)
         # build the whole directory beside the target and rename it in one step: a crash mid-save leaves
         # only a temp dir, never a half-written tokenizer that later runs would load
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+        tmp = mkdtemp(prefix=f".{target.name}.", dir=cache_dir)
         try:
             tokenizer.save(tmp)
             try:

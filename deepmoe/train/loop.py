@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
 from ..data import BatchSampler
-from ..durable import atomic_write_text, mkdir, replace_dir
+from ..durable import atomic_write_text, mkdir, mkdtemp, replace_dir
 from ..generate import generate
 from ..model import build_model
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
@@ -192,7 +191,7 @@ class Trainer:
 
     def write_final(self) -> Path:
         final = self.run_dir / "final"
-        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
+        tmp = mkdtemp(prefix=".final.", dir=self.run_dir)
         try:
             write_model_dir(tmp, self.model, self.data.tokenizer, self.cfg)
             replace_dir(tmp, final)

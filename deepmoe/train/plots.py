@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..durable import atomic_write
 
 EMA_ALPHA = 0.05
 MAX_COLUMNS = 400  # heatmap width cap: beyond this, consecutive steps are averaged into one column
@@ -235,13 +235,5 @@ def _max_vio_figure(train, layers):
 
 def _save(fig, path: Path) -> Path:
     """Write atomically: a reader (or a crash) never sees a half-written PNG under the final name."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", prefix=f".{path.stem}-", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; plots are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return path

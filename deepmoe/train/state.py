@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import save_pretrained
-from ..durable import atomic_write, atomic_write_text, mkdir, recover_dir, remove_dir, replace_dir
+from ..durable import atomic_write, atomic_write_text, mkdir, mkdtemp, recover_dir, remove_dir, replace_dir
 from ..model import DeepSeekModel
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
@@ -52,7 +51,7 @@ def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, o
     """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints."""
     root = mkdir(run_dir / CHECKPOINTS)
     final = root / f"step-{state['step']:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = mkdtemp(prefix=f".{final.name}.", dir=root)
     try:
         write_model_dir(tmp, model, tokenizer, cfg)
         mkdir((tmp / STATE_JSON).parent)

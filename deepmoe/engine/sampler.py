@@ -33,17 +33,35 @@ def apply_penalties(logits: torch.Tensor, history: list[int], prompt_len: int, p
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature-scaled logits (..., V) with everything outside top-k, top-p and min-p set to -inf."""
-    logits = logits / p.temperature
-    if p.top_k > 0:
-        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.min_p > 0:
+    rows = logits.reshape(-1, logits.shape[-1])
+    return filter_batch(rows, [p] * rows.shape[0]).view(logits.shape)
+
+
+def filter_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filter_logits for a batch (B, V), each row with its own parameters, in a fixed number of batched ops
+    (no per-row loop, no host read). A row without a filter passes that stage unchanged, so a row gets the
+    same values here as alone."""
+    dev = logits.device
+    # greedy rows (temperature 0) are filtered at temperature 1: their draw is never used
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+    logits = logits / temperature
+    if any(p.top_k > 0 for p in params):
+        V = logits.shape[-1]
+        k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], device=dev)
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+        off = torch.tensor([p.top_k <= 0 for p in params], device=dev)[:, None]
+        logits = logits.masked_fill((logits < kth) & ~off, float("-inf"))
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    if p.top_p < 1.0:
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p  # mass before a token already reaches top_p
+        # mass before a token already reaches top_p; rows at top_p = 1 drop nothing (the fp32 cumsum of
+        # skewed probabilities reaches 1.0 well before the last token)
+        drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits
 
@@ -76,9 +94,9 @@ def draw(logprobs: torch.Tensor, probs: torch.Tensor | None, generator: torch.Ge
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]], prompt_lens: list[int],
            generators: list[torch.Generator | None]) -> tuple[list[int], torch.Tensor]:
     """logits (B, V) → one token per row, and each row's log-probabilities (B, V) of the distribution it was
-    drawn from after penalties (before filtering), for logprobs. Penalties and draws are per row (each
-    request has its own parameters, each row's token its own generator); greedy rows take one batched
-    argmax."""
+    drawn from after penalties (before filtering), for logprobs. The whole batch is filtered and drawn on
+    the device with batched ops (each row's noise from its own generator, as `draw` makes it), and the
+    chosen ids come back in one copy: the step's only host read."""
     logits = logits.float()
     penalised = [b for b, p in enumerate(params)
                  if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
@@ -86,8 +104,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
         logits = logits.clone()
         for b in penalised:
             logits[b] = apply_penalties(logits[b], histories[b], prompt_lens[b], params[b])
-    tokens = logits.argmax(-1).tolist()  # the greedy rows' answer; sampled rows overwrite theirs
-    for b, (p, gen) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            tokens[b] = draw(logits[b], filter_logits(logits[b], p).softmax(-1), gen)
-    return tokens, logits.log_softmax(-1)
+    tokens = logits.argmax(-1)
+    sampled = [b for b, p in enumerate(params) if not p.greedy]
+    if sampled:
+        probs = filter_batch(logits[sampled], [params[b] for b in sampled]).softmax(-1)
+        noise = torch.empty_like(probs)
+        for i, b in enumerate(sampled):
+            noise[i].exponential_(generator=generators[b])
+        rows = torch.tensor(sampled, device=logits.device)
+        tokens = tokens.index_copy(0, rows, (probs / noise).argmax(-1))
+    return tokens.tolist(), logits.log_softmax(-1)

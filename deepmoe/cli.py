@@ -212,6 +212,181 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- sft / distill (deepmoe.posttrain) --------------------------------------------------------------
+# help per SFTConfig / DistillConfig field; flags are --field-name, types from the dataclass, and the
+# dataclass default is appended to the help (None defaults say in their text what they resolve to)
+SFT_HELP = {
+    "model": "the model directory to fine-tune (required)",
+    "data": "chat JSONL ({'messages': [{'role', 'content'}, ...]}) or prompt/completion JSONL",
+    "task": "or a built-in task: arithmetic, countdown, with options as name:field=value,... "
+            "(e.g. arithmetic:max_digits=2,ops=+-)",
+    "task_examples": "--task: training problems to generate",
+    "val_fraction": "--data: share of records held out for the validation loss (by content hash)",
+    "val_examples": "--task: held-out problems whose worked solutions give the validation loss",
+    "eval_problems": "--task: held-out problems answered greedily through the engine for accuracy, before "
+                     "and after (0: off)",
+    "max_new_tokens": "generation budget per answer in the accuracy evaluation",
+    "on_bad_line": "a malformed JSONL line: stop (naming file:line) or skip (each listed in the log)",
+    "out": "run directory (required)",
+    "seq_len": "longest example in tokens; longer ones are truncated and counted "
+               "(default: min(1024, the model's context))",
+    "batch_size": "examples per micro-batch (padded to the longest)", "grad_accum": "micro-batches per step",
+    "steps": "optimizer steps (default: one epoch of the training set)",
+    "lr": "peak learning rate (default: 1e-3 for hidden_size <= 512, else 2e-5)",
+    "min_lr_ratio": "cosine floor as a fraction of --lr", "warmup_steps": "linear warmup (default: 5%% of steps)",
+    "schedule": "cosine, multistep or constant", "decay_at": "multistep: comma-separated fractions of the run",
+    "decay_factor": "multistep: factor at each drop", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon", "weight_decay": "AdamW weight decay", "grad_clip": "gradient-norm clip (0: off)",
+    "mtp_weight": "lambda of the MTP loss on the trained-on tokens (0: MTP layers left as they are)",
+    "bias_update_rate": "gamma of aux-loss-free balancing (0: off)",
+    "aux_loss_alpha": "sequence-wise balance loss weight (default: the model config's)",
+    "capacity_factor": "cap experts at this multiple of the mean load (default: dropless)",
+    "device": "cpu, cuda, ... (default: cuda if available)",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "activation_checkpointing": "recompute each block in backward", "compile": "torch.compile each block",
+    "seed": "seed of problem generation and data order", "max_bad_steps": "non-finite steps in a row before stopping",
+    "eval_every": "steps between validations (default: a tenth of the steps)",
+    "eval_batches": "batches per periodic validation",
+    "checkpoint_every": "steps between checkpoints (default: a quarter of the steps)",
+    "keep_checkpoints": "checkpoints kept", "plots": "write PNG plots", "progress": "show the progress bar",
+}
+DISTILL_HELP = {
+    **SFT_HELP,
+    "model": "the student model directory (flag: --student)",
+    "teacher": "the teacher model directory (required)",
+    "student_preset": "or a fresh student from a preset, with the teacher's tokenizer",
+    "student_config": "or a fresh student from a config.json, with the teacher's tokenizer",
+    "mode": "logit (match the teacher's distributions on the data) or sequence (SFT on the teacher's "
+            "answers to --task prompts)",
+    "kl": "logit: forward KL(teacher||student), reverse, or mix", "kl_mix": "mix: weight of the forward KL",
+    "temperature": "logit: softmax temperature T (the KL is scaled by T^2)",
+    "kd_weight": "logit: w in (1 - w) CE + w KL", "kd_chunk": "logit: positions per KL chunk (bounds logits in memory)",
+    "teacher_temperature": "sequence: the teacher's sampling temperature (0: greedy)",
+    "keep_incorrect": "sequence: also train on answers the task marks wrong",
+}
+# may differ from the saved config on --resume: logging, evaluation, checkpointing, where things live, length
+POSTTRAIN_RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
+                              "device", "eval_batches", "max_bad_steps", "eval_problems", "max_new_tokens"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], renames: dict[str, str]) -> None:
+    import dataclasses
+    import typing
+
+    choices = _posttrain_choices()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in helps:
+            continue
+        flag = renames.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = helps[f.name] + ("" if default is None or "default:" in helps[f.name] else
+                                f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "decay_at":
+            p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), **kw)
+        else:
+            base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
+            p.add_argument(flag, type=base, choices=choices.get(f.name), **kw)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def _posttrain_choices() -> dict[str, tuple[str, ...]]:
+    from .posttrain.config import DISTILL_MODES
+    from .posttrain.data import BAD_LINE_POLICIES
+    from .posttrain.losses import KL_KINDS
+    from .train.config import PRECISIONS, SCHEDULES
+
+    return {"on_bad_line": BAD_LINE_POLICIES, "schedule": SCHEDULES, "precision": PRECISIONS, "mode": DISTILL_MODES,
+            "kl": KL_KINDS}
+
+
+def _posttrain_config(args, cls, helps: dict[str, str]):
+    """The resolved config: from the flags, or on --resume the run's saved one (flags that would change
+    the computation are refused)."""
+    import dataclasses
+
+    import torch
+
+    from .posttrain.config import resolve
+
+    given = {k: v for k, v in vars(args).items() if k in helps}
+    if not args.resume:
+        return resolve(cls(**given), torch.cuda.is_available())
+    if "out" not in given:
+        raise ValueError("--resume needs --out RUN: the run to continue")
+    saved_path = Path(given["out"]) / cls.FILE
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {str(saved_path)!r} does not exist")
+    saved = cls.from_json(saved_path)
+    changed = sorted(k for k, v in given.items()
+                     if k not in POSTTRAIN_RESUME_OVERRIDES | {"out"} and getattr(saved, k) != v)
+    if changed:
+        raise ValueError(f"--resume continues the saved run; these flags would change it: "
+                         f"{', '.join('--' + k.replace('_', '-') for k in changed)} (remove them)")
+    keep = {k: v for k, v in given.items() if k in POSTTRAIN_RESUME_OVERRIDES}
+    return resolve(dataclasses.replace(saved, **keep), torch.cuda.is_available())
+
+
+def _print_posttrain_summary(summary: dict, out: str) -> None:
+    from .posttrain.sft import format_accuracy
+
+    print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens ({summary['target_tokens']:,} trained on) "
+          f"in {summary['train_time_s']:.0f}s ({summary['tokens_per_s']:,} tok/s), {summary['skipped_steps']} skipped")
+    if summary["val_loss"] is not None:
+        print(f"val       loss {summary['val_loss']:.4f}  ppl {summary['val_ppl']:.2f}  (trained-on tokens)")
+    for label, key in (("before", "accuracy_before"), ("after", "accuracy")):
+        if summary.get(key):
+            print(format_accuracy(label, summary[key]))
+    print(f"model     {summary['final']}")
+    if summary["plots"]:
+        print(f"plots     {', '.join(str(Path(out) / p) for p in summary['plots'])}")
+    if summary.get("accuracy") and summary["accuracy"]["examples"]:
+        ex = summary["accuracy"]["examples"][0]
+        print(f"sample    {ex['question']}\n{ex['completion']}")
+
+
+def cmd_sft(args) -> int:
+    from .posttrain.config import SFTConfig
+    from .posttrain.sft import sft
+
+    cfg = _posttrain_config(args, SFTConfig, SFT_HELP)
+    _print_posttrain_summary(sft(cfg, resume=args.resume), cfg.out)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .posttrain.config import DistillConfig
+    from .posttrain.distill import distill
+
+    cfg = _posttrain_config(args, DistillConfig, DISTILL_HELP)
+    _print_posttrain_summary(distill(cfg, resume=args.resume), cfg.out)
+    return 0
+
+
+def _add_sft_parser(sub) -> None:
+    from .posttrain.config import SFTConfig
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat / prompt-completion JSONL or a built-in task",
+                       description="Fine-tune a model directory; the loss covers assistant tokens only. Writes "
+                                   "RUN/final (a model directory), metrics.jsonl, checkpoints, plots.")
+    _add_config_flags(p, SFTConfig, SFT_HELP, {})
+    p.set_defaults(func=cmd_sft)
+
+
+def _add_distill_parser(sub) -> None:
+    from .posttrain.config import DistillConfig
+
+    p = sub.add_parser("distill", help="distil a teacher model into a student (logit KD or sequence-level)",
+                       description="Logit KD on --data/--task text, or SFT of the student on the teacher's "
+                                   "answers to --task prompts (--mode sequence).")
+    _add_config_flags(p, DistillConfig, DISTILL_HELP, {"model": "--student"})
+    p.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepmoe", description="DeepSeek-V2/V3 MoE models in compact PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger bodies get 413 (default: 1 MiB)")
     srv.set_defaults(func=cmd_serve)
+
+    _add_sft_parser(sub)
+    _add_distill_parser(sub)
     return p
 
 

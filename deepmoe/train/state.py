@@ -38,22 +38,24 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
-def write_model_dir(path: Path, model: DeepSeekModel, tokenizer: Tokenizer, cfg: TrainConfig) -> None:
+def write_model_dir(path: Path, model: DeepSeekModel, tokenizer: Tokenizer, cfg: TrainConfig,
+                    config_name: str = TRAIN_CONFIG) -> None:
     """What `deepmoe.load_pretrained`, `deepmoe generate` and serving read: weights in fp32 (the master
-    copy, so a resume is exact), config, tokenizer, and the training config for `deepmoe eval`."""
+    copy, so a resume is exact), config, tokenizer, and the run's config (for pretraining the
+    train_config.json `deepmoe eval` reads; fine-tuning runs save theirs under their own name)."""
     save_pretrained(model, path)
     tokenizer.save(path)
-    atomic_write_text(path / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(path / config_name, json.dumps(cfg.to_dict(), indent=2))
 
 
 def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig, state: dict[str, Any]) -> Path:
+                    cfg: TrainConfig, state: dict[str, Any], config_name: str = TRAIN_CONFIG) -> Path:
     """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints."""
     root = mkdir(run_dir / CHECKPOINTS)
     final = root / f"step-{state['step']:07d}"
     tmp = mkdtemp(prefix=f".{final.name}.", dir=root)
     try:
-        write_model_dir(tmp, model, tokenizer, cfg)
+        write_model_dir(tmp, model, tokenizer, cfg, config_name)
         mkdir((tmp / STATE_JSON).parent)
         tensors = _optimizer_tensors(model, optimizer) | _rng_tensors()
         atomic_write(tmp / STATE_TENSORS, lambda path: save_file(tensors, path))

@@ -1,0 +1,230 @@
+"""SFTConfig and DistillConfig: every knob of a fine-tuning or distillation run, saved as JSON beside it.
+
+The optimizer, schedule and MoE fields carry TrainConfig's names and meanings, so deepmoe.train's
+optimizer, schedule and checkpoint code read either config. Defaults follow DeepSeek-V3's SFT where it
+says (cosine decay, AdamW) and the pretraining recipe otherwise; `resolve()` fills the `None` ones from
+the model and the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, list_presets
+from ..train.config import PRECISIONS, SCHEDULES
+from .data import BAD_LINE_POLICIES
+from .losses import KL_KINDS
+
+SFT_CONFIG = "sft_config.json"
+DISTILL_CONFIG = "distill_config.json"
+DISTILL_MODES = ("logit", "sequence")
+
+
+@dataclass
+class SFTConfig:
+    # what to train on
+    model: str | None = None  # the model directory to fine-tune (its tokenizer comes with it)
+    data: str | None = None  # a chat or prompt/completion JSONL file
+    task: str | None = None  # or a built-in task spec, e.g. "arithmetic" or "arithmetic:max_digits=2"
+    task_examples: int = 20000  # training problems generated for --task
+    val_fraction: float = 0.05  # --data: records held out for validation (by content hash)
+    val_examples: int = 200  # --task: held-out problems whose solutions give the validation loss
+    eval_problems: int = 200  # --task: held-out problems answered through the engine for accuracy (0: off)
+    max_new_tokens: int = 256  # generation budget of the accuracy evaluation
+    on_bad_line: str = "stop"  # a malformed JSONL line: stop with its file:line, or skip it (listed in the log)
+    out: str | None = None  # the run directory
+
+    # batch
+    seq_len: int | None = None  # longest example, in input tokens; None: min(1024, the model's context)
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum: int = 1
+    steps: int | None = None  # None: one epoch
+
+    # optimizer and schedule (TrainConfig's names)
+    lr: float | None = None  # None: 1e-3 for hidden_size <= 512, else 2e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # None: 5% of the steps
+    schedule: str = "cosine"
+    decay_at: tuple[float, ...] = (0.8, 0.9)
+    decay_factor: float = 0.316
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    # MoE and MTP
+    mtp_weight: float = 0.1  # keeps the MTP layer in step with the tuned model, so speculative drafts still land
+    bias_update_rate: float = 0.001
+    aux_loss_alpha: float | None = None  # None: the model config's
+    capacity_factor: float | None = None
+
+    # execution
+    device: str | None = None
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    max_bad_steps: int = 10
+
+    # observability and checkpoints
+    eval_every: int | None = None  # None: a tenth of the steps
+    eval_batches: int = 8
+    checkpoint_every: int | None = None  # None: a quarter of the steps
+    keep_checkpoints: int = 2
+    plots: bool = True
+    progress: bool = True
+
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys of a saved config, kept
+
+    FILE = SFT_CONFIG  # the name it is saved under in a run and its model directories
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid {type(self).__name__}: {msg}")
+
+        need((self.data is None) != (self.task is None), "give exactly one of --data FILE and --task NAME")
+        need(self.on_bad_line in BAD_LINE_POLICIES, f"on_bad_line must be one of {', '.join(BAD_LINE_POLICIES)}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
+        need(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("task_examples", "batch_size", "grad_accum", "max_new_tokens", "eval_batches",
+                     "keep_checkpoints", "max_bad_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seq_len", "steps", "eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"{name} must be >= 1, got {v}")
+        need(self.val_examples >= 0 and self.eval_problems >= 0, "val_examples and eval_problems must be >= 0")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
+        need(all(0.0 < m < 1.0 for m in self.decay_at) and list(self.decay_at) == sorted(self.decay_at),
+             f"decay_at must be increasing fractions in (0, 1), got {self.decay_at}")
+        need(0.0 < self.decay_factor <= 1.0, "decay_factor must be in (0, 1]")
+        need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "betas must be in [0, 1)")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        need(self.mtp_weight >= 0 and self.bias_update_rate >= 0, "mtp_weight and bias_update_rate must be >= 0")
+        need(self.aux_loss_alpha is None or self.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
+        need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be > 0")
+
+    def base_model_config(self) -> ModelConfig:
+        """The config of the model training starts from."""
+        if self.model is None:
+            raise ValueError("--model DIR is required: the model directory to fine-tune")
+        return ModelConfig.from_json(Path(self.model) / "config.json")
+
+    # ---- JSON --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(d.pop("extra"))
+        d["decay_at"] = list(self.decay_at)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        if "decay_at" in known:
+            known["decay_at"] = tuple(known["decay_at"])
+        cfg = cls(**known, extra={k: v for k, v in d.items() if k not in names})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike):
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config {str(path)!r} not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    """`model` is the student directory; or the student is freshly built from student_preset /
+    student_config with the teacher's tokenizer."""
+    teacher: str | None = None
+    student_preset: str | None = None
+    student_config: str | None = None
+    mode: str = "logit"  # logit: match the teacher's next-token distributions; sequence: SFT on its answers
+    kl: str = "forward"  # forward KL(teacher‖student), reverse KL(student‖teacher), or mix
+    kl_mix: float = 0.5  # mix: weight of the forward term
+    temperature: float = 1.0
+    kd_weight: float = 0.5  # logit: loss = (1 − w) · CE(data) + w · T² · KL
+    kd_chunk: int = 256  # positions per chunk of the KL (bounds teacher and student logits in memory)
+    teacher_temperature: float = 0.0  # sequence: sampling temperature of the teacher's answers (0: greedy)
+    keep_incorrect: bool = False  # sequence: also train on answers the task's reward marks wrong
+
+    FILE = DISTILL_CONFIG
+
+    def validate(self) -> None:
+        super().validate()
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid DistillConfig: {msg}")
+
+        need(self.teacher is not None, "--teacher DIR is required")
+        sources = [s for s in (self.model, self.student_preset, self.student_config) if s is not None]
+        need(len(sources) == 1, "give exactly one of --student DIR, --student-preset NAME, --student-config FILE")
+        need(self.student_preset is None or self.student_preset in list_presets(),
+             f"unknown preset {self.student_preset!r}; choose from {', '.join(list_presets())}")
+        need(self.mode in DISTILL_MODES, f"mode must be one of {', '.join(DISTILL_MODES)}, got {self.mode!r}")
+        need(self.mode == "logit" or self.task is not None,
+             "sequence-level distillation needs --task: the teacher answers its prompts and the task checks them")
+        need(self.kl in KL_KINDS, f"kl must be one of {', '.join(KL_KINDS)}, got {self.kl!r}")
+        need(0.0 <= self.kl_mix <= 1.0 and 0.0 <= self.kd_weight <= 1.0, "kl_mix and kd_weight must be in [0, 1]")
+        need(self.temperature > 0 and self.teacher_temperature >= 0, "temperatures must be > 0 (teacher: >= 0)")
+        need(self.kd_chunk >= 1, "kd_chunk must be >= 1")
+
+    def base_model_config(self) -> ModelConfig:
+        if self.model is not None:
+            return ModelConfig.from_json(Path(self.model) / "config.json")
+        if self.student_preset is not None:
+            return ModelConfig.from_preset(self.student_preset)
+        return ModelConfig.from_json(self.student_config)
+
+
+def resolve(cfg: SFTConfig, cuda_available: bool) -> SFTConfig:
+    """Fill the `None` defaults that depend on the device and the model (the steps wait for the data:
+    see resolve_steps)."""
+    cfg.validate()
+    model_cfg = cfg.base_model_config()
+    r = dataclasses.replace(cfg, device=cfg.device or ("cuda" if cuda_available else "cpu"))
+    if r.out is None:
+        raise ValueError("--out RUN is required: the run directory to write")
+    if r.seq_len is None:
+        r.seq_len = min(1024, model_cfg.max_position_embeddings)
+    if r.seq_len > model_cfg.max_position_embeddings:
+        raise ValueError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
+                         f"({model_cfg.max_position_embeddings})")
+    if r.lr is None:
+        r.lr = 1e-3 if model_cfg.hidden_size <= 512 else 2e-5
+    if r.aux_loss_alpha is None:
+        r.aux_loss_alpha = float(model_cfg.aux_loss_alpha or 0.0)
+    if r.precision == "bf16" and not r.device.startswith("cuda"):
+        raise ValueError("bf16 autocast is for CUDA; on CPU train in fp32 (--precision fp32)")
+    r.validate()
+    return r
+
+
+def resolve_steps(cfg: SFTConfig, num_train_examples: int) -> SFTConfig:
+    """Fill steps (one epoch of the training set) and what is derived from it."""
+    r = dataclasses.replace(cfg)
+    if r.steps is None:
+        r.steps = max(1, num_train_examples // (r.batch_size * r.grad_accum))
+    if r.warmup_steps is None:
+        r.warmup_steps = max(1, r.steps // 20)
+    if r.eval_every is None:
+        r.eval_every = max(1, r.steps // 10)
+    if r.checkpoint_every is None:
+        r.checkpoint_every = max(1, r.steps // 4)
+    return r

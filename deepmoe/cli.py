@@ -260,7 +260,8 @@ DISTILL_HELP = {
             "answers to --task prompts)",
     "kl": "logit: forward KL(teacher||student), reverse, or mix", "kl_mix": "mix: weight of the forward KL",
     "temperature": "logit: softmax temperature T (the KL is scaled by T^2)",
-    "kd_weight": "logit: w in (1 - w) CE + w KL", "kd_chunk": "logit: positions per KL chunk (bounds logits in memory)",
+    "kd_weight": "logit: w in (1 - w) CE + w KL (0: SFT on the data alone, the teacher is not run)",
+    "kd_chunk": "logit: positions per KL chunk (bounds logits in memory)",
     "teacher_temperature": "sequence: the teacher's sampling temperature (0: greedy)",
     "keep_incorrect": "sequence: also train on answers the task marks wrong",
 }

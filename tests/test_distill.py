@@ -52,6 +52,25 @@ def test_student_moves_toward_the_teacher(teacher, tmp_path):
     t.metrics.close()
 
 
+def test_kd_weight_zero_is_sft_on_the_data(teacher, tmp_path):
+    """The baseline of a distillation experiment: same student, data, schedule; only the KL term differs."""
+    from deepmoe.posttrain.config import SFTConfig
+    from deepmoe.posttrain.sft import SFTTrainer
+
+    student = micro_model_dir(tmp_path / "student", seed=1)
+    d = distill_trainer(teacher, tmp_path / "d", model=str(student), kd_weight=0.0)
+    assert d.teacher is None
+    cfg = SFTConfig(model=str(student), task=TASK, task_examples=16, val_examples=4, eval_problems=0,
+                    out=str(tmp_path / "s"), batch_size=4, steps=3, progress=False, plots=False)
+    s = SFTTrainer(resolve(cfg, False))
+    for _ in range(3):
+        rd, rs = d.train_step(), s.train_step()
+        assert "kd" not in rd
+        assert (rd["loss"], rd["ce"], rd["grad_norm"]) == (rs["loss"], rs["ce"], rs["grad_norm"])
+    d.metrics.close()
+    s.metrics.close()
+
+
 def test_distill_a_smaller_student_from_the_command_line(teacher, tmp_path, capsys):
     small = v3_config(vocab_size=512, rope_scaling=None, max_position_embeddings=256, hidden_size=32,
                       num_hidden_layers=2, num_nextn_predict_layers=0)

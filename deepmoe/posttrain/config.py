@@ -158,7 +158,7 @@ class DistillConfig(SFTConfig):
     kl: str = "forward"  # forward KL(teacher‖student), reverse KL(student‖teacher), or mix
     kl_mix: float = 0.5  # mix: weight of the forward term
     temperature: float = 1.0
-    kd_weight: float = 0.5  # logit: loss = (1 − w) · CE(data) + w · T² · KL
+    kd_weight: float = 0.5  # logit: loss = (1 − w) · CE(data) + w · T² · KL; 0: SFT on the data, no teacher run
     kd_chunk: int = 256  # positions per chunk of the KL (bounds teacher and student logits in memory)
     teacher_temperature: float = 0.0  # sequence: sampling temperature of the teacher's answers (0: greedy)
     keep_incorrect: bool = False  # sequence: also train on answers the task's reward marks wrong

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_pretrained
+from ..config import ModelConfig
 from ..data import tokenizer_fingerprint
 from ..durable import atomic_write_text, mkdir
 from ..model import DeepSeekModel, build_model
@@ -39,17 +40,19 @@ TEACHER_DATA = "teacher_data.jsonl"
 class DistillTrainer(SFTTrainer):
     cfg: DistillConfig
 
-    def __init__(self, cfg: DistillConfig, resume: bool = False, model_hook: ModelHook | None = None, echo=print):
+    def __init__(self, cfg: DistillConfig, resume: bool = False, model_hook: ModelHook | None = None):
         self.teacher: DeepSeekModel | None = None
+        super().__init__(cfg, resume, model_hook)
         if cfg.mode == "logit":
+            teacher_vocab = ModelConfig.from_json(Path(cfg.teacher) / "config.json").vocab_size
+            if teacher_vocab != self.model.config.vocab_size:
+                raise ValueError(f"the teacher's vocab_size is {teacher_vocab} and the student's "
+                                 f"{self.model.config.vocab_size}: logit distillation compares distributions over one "
+                                 "vocabulary; build the student with the teacher's vocab_size, or use --mode sequence")
+        if cfg.mode == "logit" and cfg.kd_weight > 0:  # at weight 0 the run is SFT on the data: no teacher needed
             self.teacher = load_pretrained(cfg.teacher, device=cfg.device, dtype=engine_dtype(cfg.device),
                                            load_mtp=False).eval()
             self.teacher.requires_grad_(False)
-        super().__init__(cfg, resume, model_hook, echo)
-        if self.teacher is not None and self.teacher.config.vocab_size != self.model.config.vocab_size:
-            raise ValueError(f"the teacher's vocab_size is {self.teacher.config.vocab_size} and the student's "
-                             f"{self.model.config.vocab_size}: logit distillation compares distributions over one "
-                             "vocabulary; build the student with the teacher's vocab_size, or use --mode sequence")
 
     def load_tokenizer(self) -> Tokenizer:
         cfg = self.cfg
@@ -125,4 +128,4 @@ class DistillTrainer(SFTTrainer):
 
 def distill(cfg: DistillConfig, resume: bool = False, model_hook: ModelHook | None = None, echo=print) -> dict:
     """`deepmoe distill` (cfg resolved by posttrain.config.resolve)."""
-    return run(DistillTrainer(cfg, resume, model_hook, echo), echo)
+    return run(DistillTrainer(cfg, resume, model_hook), echo)

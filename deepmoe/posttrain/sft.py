@@ -11,7 +11,7 @@ zero gradient.
 Extension points, for adapters and other objectives: `model_hook(model)` runs on the loaded model before
 the optimizer is built, and only parameters that still require grad are optimised (LoRA freezes the
 base and adds its own); subclasses override `objective` (distillation adds a KL term), `initial_model`,
-`build_data` and `write_final`.
+`build_data`, `describe_data`, `train_step` (a policy-gradient step draws its own batches) and `write_final`.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def engine_dtype(device: str) -> torch.dtype:
 
 
 class SFTTrainer:
-    def __init__(self, cfg: SFTConfig, resume: bool = False, model_hook: ModelHook | None = None, echo=print):
-        self.cfg, self.echo = cfg, echo
+    def __init__(self, cfg: SFTConfig, resume: bool = False, model_hook: ModelHook | None = None):
+        self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.device = torch.device(cfg.device)
         checkpoints = list_checkpoints(self.run_dir)
@@ -234,6 +234,14 @@ class SFTTrainer:
                 "data, then --resume.")
         return record
 
+    def describe_data(self, echo) -> None:
+        cfg, d = self.cfg, self.data
+        source = cfg.data or f"task {cfg.task}"
+        val = f"{len(d.val)} val examples ({d.val.num_targets():,} target tokens)" if d.val else "no validation split"
+        echo(f"data      {source}: {len(d.train)} train examples ({d.train.num_targets():,} target tokens), {val}")
+        for note in d.notes:
+            echo(f"note      {note}")
+
     # ---- evaluation, checkpoints ------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, max_batches: int | None) -> dict[str, float] | None:
@@ -279,15 +287,6 @@ class SFTTrainer:
         return accuracy(llm, self.task, problems, self.cfg.max_new_tokens, tokenizer=self.tokenizer)
 
 
-def describe_data(trainer: SFTTrainer, echo) -> None:
-    cfg, d = trainer.cfg, trainer.data
-    source = cfg.data or f"task {cfg.task}"
-    val = f"{len(d.val)} val examples ({d.val.num_targets():,} target tokens)" if d.val else "no validation split"
-    echo(f"data      {source}: {len(d.train)} train examples ({d.train.num_targets():,} target tokens), {val}")
-    for note in d.notes:
-        echo(f"note      {note}")
-
-
 def format_accuracy(label: str, r: dict[str, Any]) -> str:
     return (f"{label:<9} exact match {r['accuracy']:.1%}, well-formed {r['format']:.1%}, mean reward "
             f"{r['mean_reward']:.3f} on {r['n']} held-out problems")
@@ -299,7 +298,7 @@ def run(trainer: SFTTrainer, echo=print) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg, state, run_dir = trainer.cfg, trainer.state, trainer.run_dir
-    describe_data(trainer, echo)
+    trainer.describe_data(echo)
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     echo(f"model     {trainer.model.num_parameters() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
          f"device {cfg.device}, {cfg.steps} steps of {cfg.grad_accum} x {cfg.batch_size} examples, "
@@ -346,7 +345,7 @@ def run(trainer: SFTTrainer, echo=print) -> dict[str, Any]:
 
 def sft(cfg: SFTConfig, resume: bool = False, model_hook: ModelHook | None = None, echo=print) -> dict[str, Any]:
     """`deepmoe sft`: fine-tune cfg.model (cfg resolved by posttrain.config.resolve)."""
-    return run(SFTTrainer(cfg, resume, model_hook, echo), echo)
+    return run(SFTTrainer(cfg, resume, model_hook), echo)
 
 
 __all__ = ["SFTTrainer", "sft", "run", "Objective", "SFTDataset"]

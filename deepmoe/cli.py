@@ -252,7 +252,7 @@ SFT_HELP = {
 }
 DISTILL_HELP = {
     **SFT_HELP,
-    "model": "the student model directory (flag: --student)",
+    "model": "the student model directory",
     "teacher": "the teacher model directory (required)",
     "student_preset": "or a fresh student from a preset, with the teacher's tokenizer",
     "student_config": "or a fresh student from a config.json, with the teacher's tokenizer",
@@ -291,7 +291,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], re
             p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), **kw)
         else:
             base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
-            p.add_argument(flag, type=base, choices=choices.get(f.name), **kw)
+            metavar = None if f.name in choices else flag.removeprefix("--").replace("-", "_").upper()
+            p.add_argument(flag, type=base, choices=choices.get(f.name), metavar=metavar, **kw)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 

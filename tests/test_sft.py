@@ -92,6 +92,27 @@ def test_a_step_weighs_every_target_token_alike_however_it_is_split(base, tmp_pa
         assert torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_model_hook_limits_training_to_what_it_leaves_trainable(base, tmp_path):
+    """The adapter interface: a hook that freezes all but the head; the optimizer holds only the head, and
+    one step changes the head and nothing else (LoRA freezes the base the same way)."""
+    def freeze_all_but_head(model):
+        model.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(True)
+
+    cfg = SFTConfig(model=str(base), task=TASK, task_examples=16, val_examples=0, eval_problems=0,
+                    out=str(tmp_path / "run"), batch_size=4, steps=2, progress=False, plots=False)
+    t = SFTTrainer(resolve(cfg, False), model_hook=freeze_all_but_head)
+    assert [p for g in t.optimizer.param_groups for p in g["params"]] == [t.model.lm_head.weight]
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.train_step()
+    after = t.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # the head, and the routers' balancing biases, which are buffers moved by counts, not by gradients
+    assert "lm_head.weight" in changed
+    assert all(k == "lm_head.weight" or k.endswith("e_score_correction_bias") for k in changed), changed
+    t.metrics.close()
+
+
 def test_run_outputs(reference, base):
     records = metrics(reference)
     train = [r for r in records if r["kind"] == "train"]

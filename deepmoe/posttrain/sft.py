@@ -44,7 +44,7 @@ from ..train.optim import build_optimizer, lr_at, set_lr
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, write_model_dir
 from ..train.transforms import apply_activation_checkpointing, apply_compile, autocast_context
 from .config import SFTConfig, resolve_steps
-from .data import Batch, SFTData, SFTDataset, build_sft_data, load_records
+from .data import Batch, SFTData, build_sft_data, load_records
 from .losses import masked_balance_loss, masked_expert_counts, masked_mtp_losses
 
 ModelHook = Callable[[DeepSeekModel], None]
@@ -348,4 +348,4 @@ def sft(cfg: SFTConfig, resume: bool = False, model_hook: ModelHook | None = Non
     return run(SFTTrainer(cfg, resume, model_hook), echo)
 
 
-__all__ = ["SFTTrainer", "sft", "run", "Objective", "SFTDataset"]
+__all__ = ["SFTTrainer", "sft", "run", "Objective", "ModelHook"]

@@ -105,7 +105,8 @@ TRAIN_HELP = {
     "aux_loss_alpha": "alpha: sequence-wise balance loss weight (default: the model config's)",
     "capacity_factor": "cap experts at this multiple of the mean load, dropping the rest (default: dropless)",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
-    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp8 (DeepSeek-V3's FP8 GEMMs; "
+                 "emulated exactly on CPU)",
     "activation_checkpointing": "recompute each block in backward to save memory",
     "compile": "torch.compile each decoder block", "seed": "seed of initialisation, split and data order",
     "max_bad_steps": "consecutive non-finite steps before the run stops",

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import ModelConfig, list_presets
 
 SCHEDULES = ("multistep", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
 
     # execution
     device: str | None = None  # None: cuda if available, else cpu
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp8: FP8 GEMMs (train/fp8.py)
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0

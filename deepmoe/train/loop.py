@@ -31,6 +31,7 @@ from .balance import expert_counts, load_metrics, moe_layers, update_bias
 from .config import TrainConfig
 from .data import TrainData, prepare_data
 from .evaluate import evaluate
+from .fp8 import convert_to_fp8_training
 from .losses import cross_entropy, mtp_loss, sequence_balance_loss
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
@@ -99,6 +100,8 @@ class Trainer:
         else:
             atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
         # transforms go on after loading: they wrap forward functions, never parameter names
+        if cfg.precision == "fp8":  # the same Parameters in FP8-GEMM linears: optimizer and checkpoints unchanged
+            print(convert_to_fp8_training(self.model).summary())
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:

@@ -16,7 +16,7 @@ from deepmoe.engine.sequence import SamplingParams
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 
-from .conftest import naive_greedy, v3_config
+from .conftest import failing_sample, naive_greedy, v3_config
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(60)]
 
@@ -140,16 +140,6 @@ def test_generate_finishes_requests_that_outgrow_the_cache(parts, tmp_path):
         assert o.finish_reason == "length" and o.token_ids == naive_greedy(model, p, 13 - len(p))
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.blocks.num_free_blocks == 3
-
-
-def failing_sample(sample, seed):
-    """The engine's batched sampler, except that a batch holding a request seeded `seed` fails: a stand-in for
-    any error that belongs to one request's parameters."""
-    def wrapped(logits, params, *rest):
-        if any(p.seed == seed for p in params):
-            raise RuntimeError("injected sampling failure")
-        return sample(logits, params, *rest)
-    return wrapped
 
 
 def test_a_sequence_that_fails_ends_alone_and_the_others_go_on(parts, monkeypatch):

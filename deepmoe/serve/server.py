@@ -1,7 +1,7 @@
 """Running the app under uvicorn: the two things the ASGI app cannot do by itself.
 
 - **Unparsable requests.** uvicorn's HTTP layer (h11) answers a request it cannot parse (a malformed
-  `Content-Length`, a bad request line or header, headers over 64 KiB) with a 400 of its own before the app
+  `Content-Length`, a bad request line or header, headers over 16 KiB) with a 400 of its own before the app
   sees it, in plain text. `_JSONErrorsProtocol` sends that 400 as OpenAI-shaped JSON instead.
 - **Shutdown.** uvicorn's graceful shutdown stops accepting, waits for in-flight requests, and at its timeout
   cancels them: a stream cancelled so just stops, with no error and no `[DONE]`. `DrainingServer` ends them

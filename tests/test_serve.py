@@ -140,6 +140,22 @@ def test_concurrent_streams_match_their_solo_results(srv):
     assert solo[:8] == [expected(srv, job["prompt"], 8) for job in jobs[:8]]
 
 
+def test_tiny_temperatures_are_greedy(srv):
+    """temperature 1e-39 used to overflow logits / T to inf and sample from nan (issue 17): now it is greedy,
+    streamed and not, alongside other requests."""
+    client, prompts = srv["client"], [[5, 6, 7], [9, 10], [40, 41, 42]]
+
+    def run(prompt, temperature, stream):
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=temperature,
+                                      stream=stream, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    jobs = [(p, t, stream) for p, t in zip(prompts, (1e-39, 5e-324, 1e-30)) for stream in (False, True)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda job: run(*job), jobs))
+    assert texts == [expected(srv, p, 10) for p, _, _ in jobs]
+
+
 def test_client_disconnect_aborts_and_frees_blocks(srv):
     engine, before = srv["engine"], metrics(srv)
     conn = http.client.HTTPConnection("127.0.0.1", srv["port"], timeout=60)

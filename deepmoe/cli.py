@@ -64,20 +64,26 @@ def cmd_serve(args) -> int:
     import os
 
     try:
-        from .serve.app import build_app, run
+        from .serve.app import build_app
+        from .serve.limits import ServerLimits
+        from .serve.server import run
     except ImportError as e:
         print(f"deepmoe serve: error: {e}; install the server's dependencies with: pip install 'deepmoe[serve]'",
               file=sys.stderr)
         return 2
     from .engine.llm import LLM
 
+    # checked before the model loads: a bad flag should not cost a load
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompts_per_request=args.max_prompts_per_request,
+                          max_seqs_per_request=args.max_seqs_per_request, max_waiting_seqs=args.max_waiting_seqs,
+                          read_timeout_s=args.read_timeout_s, shutdown_grace_s=args.shutdown_grace_s)
     llm = LLM(args.model, device=args.device, dtype=args.dtype,
               kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
               cuda_graphs=not args.no_cuda_graphs)
     name = args.served_model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("DEEPMOE_API_KEY") or None
-    run(build_app(llm.engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes), args.host, args.port)
+    run(build_app(llm.engine, name, api_key=api_key, limits=limits), args.host, args.port)
     return 0
 
 
@@ -276,7 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
     srv.add_argument("--no-cuda-graphs", action="store_true",
                      help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
+    # the server's limits (deepmoe/serve/limits.py, same names and defaults)
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger bodies get 413 (default: 1 MiB)")
+    srv.add_argument("--max-prompts-per-request", type=int, default=64,
+                     help="more prompts in one completions request get 400 (default: 64)")
+    srv.add_argument("--max-seqs-per-request", type=int, default=256,
+                     help="more sequences (prompts x n) in one request get 400 (default: 256)")
+    srv.add_argument("--max-waiting-seqs", type=int, default=1024,
+                     help="queued sequences; a request that would exceed it gets 503 + Retry-After (default: 1024)")
+    srv.add_argument("--read-timeout-s", type=float, default=30.0,
+                     help="a request body must arrive within this many seconds, else 408 (default: 30)")
+    srv.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                     help="on SIGTERM/Ctrl-C, requests still running after this get an error event and [DONE] "
+                          "(default: 30)")
     srv.set_defaults(func=cmd_serve)
     return p
 

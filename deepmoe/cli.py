@@ -121,10 +121,6 @@ TRAIN_HELP = {
     "plots": "write PNG plots into the run directory", "progress": "show the progress bar",
     "sample_tokens": "tokens of the greedy sample written at the end",
 }
-# what may differ from the saved config when resuming: logging, checkpointing, where things live, and the
-# run length (a longer run also moves the multistep/cosine decay points; every other flag must match)
-RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
-                    "sample_tokens", "device", "eval_batches", "max_bad_steps", "out", "cache_dir"}
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -147,15 +143,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         else:
             base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
             p.add_argument(flag, type=base, **kw)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its newest checkpoint, or from CHECKPOINT (a step-NNNNNNN "
+                        "name or path; later checkpoints are deleted). Changed --lr, --warmup-steps and other "
+                        "optimizer and schedule flags apply from there and are recorded")
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-
     import torch
 
-    from .train.config import TrainConfig, resolve
+    from .train.config import TrainConfig, resolve, resume_config
     from .train.loop import train
     from .train.state import TRAIN_CONFIG
 
@@ -165,16 +162,11 @@ def cmd_train(args) -> int:
         saved_path = Path(cfg.out) / TRAIN_CONFIG
         if not saved_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {str(saved_path)!r} does not exist")
-        saved = TrainConfig.from_json(saved_path)
-        changed = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDES and getattr(saved, k) != v)
-        if changed:
-            raise ValueError(f"--resume continues the saved run; these flags would change it: "
-                             f"{', '.join('--' + k.replace('_', '-') for k in changed)} (remove them)")
-        keep = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
-        cfg, model_cfg = resolve(dataclasses.replace(saved, **keep), torch.cuda.is_available())
+        cfg, model_cfg = resolve(resume_config(TrainConfig.from_json(saved_path), given), torch.cuda.is_available())
     summary = train(cfg, model_cfg, resume=args.resume)
-    print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s "
-          f"({summary['tokens_per_s']:,} tok/s), {summary['skipped_steps']} skipped")
+    print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s wall "
+          f"({summary['step_time_s']:.0f}s in steps, {summary['tokens_per_s']:,} tok/s), "
+          f"{summary['skipped_steps']} skipped")
     if summary["val_loss"] is not None:
         print(f"val       loss {summary['val_loss']:.4f}  ppl {summary['val_ppl']:.2f}  "
               f"bits/byte {summary['val_bpb']:.4f}")

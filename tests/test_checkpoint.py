@@ -176,7 +176,7 @@ def test_cli_info_prints_counts(capsys):
     out = capsys.readouterr().out
     assert "671.03B" in out and "37.55B" in out and "71.1x smaller" in out
     assert cli(["info", "--preset", "missing"]) == 2
-    assert "available" in capsys.readouterr().err
+    assert "choose from" in capsys.readouterr().err
 
 
 def test_layers_beyond_config_are_unexpected_unless_they_are_mtp(saved):

@@ -175,8 +175,15 @@ def test_cli_info_prints_counts(capsys):
     assert cli(["info", "--preset", "deepseek-v3"]) == 0
     out = capsys.readouterr().out
     assert "671.03B" in out and "37.55B" in out and "71.1x smaller" in out
+    # the count training prints (main model + MTP's own parameters) has a row of its own, so that the two
+    # figures a user meets (10.62M from info, 12.62M from train for tiny) are both explained
+    assert cli(["info", "--preset", "tiny"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("with MTP"))
+    with torch.device("meta"):
+        trained = deepmoe.DeepSeekModel(deepmoe.ModelConfig.from_preset("tiny")).num_parameters()
+    assert int(row.split()[3].replace(",", "")) == trained
     assert cli(["info", "--preset", "missing"]) == 2
-    assert "available" in capsys.readouterr().err
+    assert "choose from" in capsys.readouterr().err
 
 
 def test_layers_beyond_config_are_unexpected_unless_they_are_mtp(saved):

@@ -117,6 +117,30 @@ def test_llm_api_from_a_model_directory(parts, tmp_path, monkeypatch):
     assert llm.engine.blocks.num_free_blocks == len(llm.engine.blocks.blocks)
 
 
+def test_stream_yields_the_text_of_generate_piece_by_piece(parts, tmp_path):
+    model, tok = parts
+    save_pretrained(model, tmp_path)
+    tok.save(tmp_path)
+    llm = LLM(tmp_path, device="cpu", dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = llm.generate("def f2(x):", greedy)[0].text
+    stop = full[6:8]  # a stop string the text surely reaches: held back while it may still complete
+    for params in (greedy, SamplingParams(temperature=0.9, top_p=0.9, max_tokens=30, seed=5, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])):
+        pieces = list(llm.stream("def f2(x):", params))
+        assert len(pieces) > 2  # the text arrives as it is made, not at the end
+        assert "".join(pieces) == llm.generate("def f2(x):", params)[0].text
+    assert "".join(pieces) == full[:full.find(stop)]
+    # a consumer that stops early (break, Ctrl-C) cancels the request: nothing keeps running or holds blocks
+    pieces = llm.stream("def f2(x):", greedy)
+    next(pieces)
+    pieces.close()
+    assert not llm.engine.scheduler.has_unfinished()
+    assert llm.engine.blocks.num_free_blocks == len(llm.engine.blocks.blocks)
+    with pytest.raises(ValueError, match="n must be 1"):
+        next(llm.stream("def f2(x):", SamplingParams(n=2)))
+
+
 def test_generate_finishes_requests_that_outgrow_the_cache(parts, tmp_path):
     """A 3-block cache holds 12 tokens. Each request stops with "length" at 13 tokens (the 13th is sampled
     from 12 cached ones) instead of preempting itself and waiting forever; the second, preempted while the

@@ -1,4 +1,5 @@
-"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`, or `.stream(prompt, ...)` for the
+text as it is made.
 
 `LLMEngine.step()` is the whole engine loop: schedule → run the model → sample (or verify drafts) →
 draft the next tokens with the MTP layer (when speculative) → postprocess (stop rules, detokenize, stop
@@ -26,7 +27,7 @@ import torch
 from ..checkpoint import load_pretrained
 from ..tokenizer import Tokenizer, load_tokenizer
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer, decode_stable, first_stop
+from .detokenizer import IncrementalDetokenizer, decode_stable, first_stop, streamable
 from .kv_cache import budget_bytes, bytes_per_block
 from .model_runner import ModelRunner, activation_peak
 from .sampler import sample, token_generator
@@ -322,6 +323,37 @@ class LLM:
             raise RuntimeError("generation failed for " + "; ".join(failed))
         return requests
 
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """One completion of one prompt as pieces of text, each yielded as soon as the engine has made it
+        final (never half a character, never text a stop string may still cut). The pieces join to the
+        `text` that `generate` returns for the same prompt and parameters. Stopping the iteration early
+        (break, Ctrl-C) cancels the request and frees its cache blocks."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"stream makes one completion; n must be 1, got {params.n}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        seq = self.engine.add(ids, params, "stream")
+        sent = ""
+        try:
+            while not seq.is_finished:
+                self.engine.step()
+                if not seq.is_finished:
+                    text = streamable(self.engine.text(seq), seq.params.stop)
+                    if len(text) > len(sent):
+                        piece, sent = text[len(sent):], text
+                        yield piece
+            if seq.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {seq.error}")
+            rest = self.engine.output(seq, 0).text[len(sent):]  # sent is a prefix: nothing shown is taken back
+            if rest:
+                yield rest
+        finally:
+            if not seq.is_finished:
+                self.engine.abort(seq)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The token ids of messages rendered with the tokenizer's chat template, ready for the reply."""
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(self.tokenizer.encode(prompt), params)[0]
+        return self.generate(self.chat_prompt(messages), params)[0]

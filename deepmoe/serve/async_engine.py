@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..engine.detokenizer import decode_stable
+from ..engine.detokenizer import decode_stable, streamable
 from ..engine.llm import LLMEngine
 from ..engine.sequence import SamplingParams, Sequence
 from .metrics import ServerMetrics
@@ -51,21 +51,6 @@ class Delta:
     logprobs: list[TokenLogprob]
     finish_reason: str | None = None
     num_tokens: int = 0  # completion tokens, set once finished
-
-
-def streamable(text: str, stops: list[str]) -> str:
-    """The longest prefix of text that can be sent: it ends before any stop string, and any tail that is a
-    proper prefix of a stop string is held back (the next tokens may complete it)."""
-    hits = [text.find(s) for s in stops if s in text]
-    if hits:
-        return text[:min(hits)]
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:n]):
-                held = n
-                break
-    return text[:len(text) - held]
 
 
 class _SequenceFailed(Exception):

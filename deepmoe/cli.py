@@ -80,10 +80,21 @@ def cmd_serve(args) -> int:
     llm = LLM(args.model, device=args.device, dtype=args.dtype,
               kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
-              cuda_graphs=not args.no_cuda_graphs)
+              cuda_graphs=not args.no_cuda_graphs, adapter=args.adapter)
     name = args.served_model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("DEEPMOE_API_KEY") or None
     run(build_app(llm.engine, name, api_key=api_key, limits=limits), args.host, args.port)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .convert import parse_size
+    from .lora import merge_adapter
+
+    t0 = time.perf_counter()
+    r = merge_adapter(args.adapter, args.out, base=args.model, max_shard_size=parse_size(args.max_shard_size))
+    print(f"wrote {args.out}: {r['base']} + {args.adapter}, {r['merged']} of {r['tensors']} tensors changed, "
+          f"{r['shards']} shard(s) in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -282,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
     srv.add_argument("--no-cuda-graphs", action="store_true",
                      help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
+    srv.add_argument("--adapter", default=None, help="a LoRA adapter directory to serve on top of MODEL_DIR "
+                     "(merged into the weights at load)")
     # the server's limits (deepmoe/serve/limits.py, same names and defaults)
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger bodies get 413 (default: 1 MiB)")
     srv.add_argument("--max-prompts-per-request", type=int, default=64,
@@ -296,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM/Ctrl-C, requests still running after this get an error event and [DONE] "
                           "(default: 30)")
     srv.set_defaults(func=cmd_serve)
+
+    mrg = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full model directory")
+    mrg.add_argument("adapter", metavar="ADAPTER_DIR")
+    mrg.add_argument("out", metavar="OUT_DIR")
+    mrg.add_argument("--model", default=None, help="the base model directory (default: the adapter's "
+                     "base_model_name_or_path)")
+    mrg.add_argument("--max-shard-size", default="5GB")
+    mrg.set_defaults(func=cmd_merge)
     return p
 
 

@@ -97,7 +97,8 @@ def test_engine_decodes_an_unmerged_adapter_like_the_definition():
     prompts = [list(range(5, 30)), [7, 8, 9], list(range(100, 117))]
     want = [naive_greedy(model, p, 8) for p in prompts]
     engine = LLMEngine(model, tok, kv_cache_bytes=2**22, block_size=4)
-    seqs = [engine.add(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), str(i)) for i, p in enumerate(prompts)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    seqs = [engine.add(p, params, str(i)) for i, p in enumerate(prompts)]
     while engine.scheduler.has_unfinished():
         engine.step()
     assert [s.completion_token_ids for s in seqs] == want

@@ -69,7 +69,7 @@ def _layout(model: nn.Module, plan: Plan) -> dict[str, tuple[str, str, str, tupl
 
 
 def _to_file(t: torch.Tensor, proj: str, which: str) -> torch.Tensor:
-    """Our factor → peft's: experts' A (E, r, in) → (E·r, in), B (E, out, r) → (out, r·E); linear ones as they are."""
+    """Our factor → peft's: experts' A (E, r, in) → (E·r, in), B (E, out, r) → (out, r·E); others as they are."""
     if proj == "weight":
         return t
     if which == "A":

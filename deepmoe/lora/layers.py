@@ -28,6 +28,8 @@ def _factors(shape_a: tuple[int, ...], shape_b: tuple[int, ...], fan_in: int, de
              ) -> tuple[nn.Parameter, nn.Parameter]:
     """A uniform in ±1/√fan_in (Kaiming-uniform with a = √5, the usual LoRA init), B zero: the update starts
     at exactly zero, so a fresh adapter leaves the model's outputs unchanged bit for bit."""
+    if torch.device(device).type == "meta":  # counting parameters of a model that is never allocated
+        return (nn.Parameter(torch.empty(shape_a, device="meta")), nn.Parameter(torch.empty(shape_b, device="meta")))
     bound = 1 / math.sqrt(fan_in)
     a = (torch.rand(shape_a, generator=gen, dtype=torch.float32) * 2 - 1) * bound
     return nn.Parameter(a.to(device)), nn.Parameter(torch.zeros(shape_b, dtype=torch.float32, device=device))

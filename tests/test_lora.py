@@ -154,6 +154,7 @@ def test_config_checks():
         with pytest.raises(ValueError):
             LoraConfig(**bad)
     assert LoraConfig(targets="q_a_proj, experts").targets == ("q_a_proj", "experts")  # a CLI string splits
+    assert LoraConfig(targets=["q_a_proj"]).targets == ("q_a_proj",) and LoraConfig(rank=16).alpha == 32
     model = build_model(v3_config(), seed=0)
     apply_lora(model, LoraConfig(rank=2))
     with pytest.raises(ValueError, match="already carries LoRA"):

@@ -45,8 +45,8 @@ class LoraConfig:
     dropout: float = 0.0  # on the input of each linear layer's A; routers and routed experts have none
 
     def __post_init__(self):
-        if isinstance(self.targets, str):  # "q_a_proj,experts" as the command line gives it
-            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets  # as a CLI gives it
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
         if self.alpha is None:
             object.__setattr__(self, "alpha", 2.0 * self.rank)
         if self.rank < 1:

@@ -399,6 +399,9 @@ def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_siz
                     dtype: torch.dtype | None = None) -> None:
     """Write config.json + safetensors (sharded above max_shard_size bytes) that transformers loads. Every
     file is fsynced before it is renamed into place; an older checkpoint in `path` is replaced safely."""
+    if any(".base_layer." in name for name in model.state_dict()):
+        raise CheckpointError("the model carries LoRA adapters, which a checkpoint cannot hold: save them with "
+                              "deepmoe.lora.save_adapter, or fold them in first with deepmoe.lora.merge_lora")
     path = mkdir(path)
     items = list(internal_to_hf(model))
     # plan shards from sizes alone, then materialise one shard at a time

@@ -125,6 +125,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
+    p.add_argument("--adapter", default=None, type=existing_path,
+                   help="a LoRA adapter directory to serve on top of MODEL_DIR (merged into the weights at load; "
+                        "default: none)")
     # the server's limits (deepmoe/serve/limits.py: the same names and defaults, checked there)
     p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="bigger request bodies get 413")
     p.add_argument("--max-prompts-per-request", type=at_least(1), default=64,
@@ -160,10 +163,30 @@ def cmd_serve(args) -> int:
     llm = LLM(args.model, device=args.device, dtype=torch_dtype(args.dtype),
               kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
-              cuda_graphs=not args.no_cuda_graphs)
+              cuda_graphs=not args.no_cuda_graphs, adapter=args.adapter)
     name = args.served_model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("DEEPMOE_API_KEY") or None
     run(build_app(llm.engine, name, api_key=api_key, limits=limits), args.host, args.port)
+    return 0
+
+
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full model directory")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", type=existing_path, help="the adapter directory")
+    p.add_argument("out", metavar="OUT_DIR", help="where the merged model directory is written")
+    p.add_argument("--model", default=None, type=model_dir,
+                   help="the base model directory (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from .lora import merge_adapter
+
+    t0 = time.perf_counter()
+    r = merge_adapter(args.adapter, args.out, base=args.model, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.out}: {r['base']} + {args.adapter}, {r['merged']} of {r['tensors']} tensors changed, "
+          f"{r['shards']} shard(s) in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -339,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deepmoe {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_info_parser, add_convert_parser, add_generate_parser, add_train_parser, add_eval_parser,
-                add_serve_parser):
+                add_serve_parser, add_merge_parser):
         add(sub)
     return p
 

@@ -292,12 +292,20 @@ class LLMEngine:
 
 
 class LLM:
+    """adapter: a LoRA adapter directory (peft layout) to serve on top of model_dir; it is merged into the
+    weights at load (see deepmoe.lora), so decoding runs every fast path at the base model's speed."""
+
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None,
                  kv_cache_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, speculative: bool = False, memory_fraction: float = 0.9,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, adapter: str | os.PathLike | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=speculative)
+        if adapter is not None:
+            from ..lora import load_adapter, merge_lora
+
+            load_adapter(model, adapter)
+            merge_lora(model)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = LLMEngine(model, self.tokenizer, kv_cache_bytes, block_size, max_num_seqs,
                                 max_num_batched_tokens, speculative, memory_fraction, cuda_graphs)

@@ -69,7 +69,7 @@ def test_choices_are_listed_where_there_are_some():
     for command in ("generate", "eval", "serve", "convert"):
         assert listed[command]["dtype"] == ["bf16", "fp16", "fp32"]
     assert listed["train"]["schedule"] == ["multistep", "cosine", "constant"]
-    assert listed["train"]["precision"] == ["auto", "fp32", "bf16"]
+    assert listed["train"]["precision"] == ["auto", "fp32", "bf16", "fp8"]
     assert "tiny" in listed["train"]["preset"] and "deepseek-v3" in listed["info"]["preset"]
 
 

@@ -131,8 +131,9 @@ def test_a_full_waiting_queue_is_a_503_with_retry_after(srv):
         thread.join(30)
 
 
-def test_limits_are_validated_and_the_serve_flags_default_to_them():
-    args = build_parser().parse_args(["serve", "some/model"])
+def test_limits_are_validated_and_the_serve_flags_default_to_them(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # the parser checks that MODEL_DIR is a model directory
+    args = build_parser().parse_args(["serve", str(tmp_path)])
     assert {f.name: getattr(args, f.name) for f in fields(ServerLimits)} == asdict(ServerLimits())
     with pytest.raises(ValueError, match="max_waiting_seqs"):
         ServerLimits(max_seqs_per_request=10, max_waiting_seqs=5)

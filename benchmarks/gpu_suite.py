@@ -54,6 +54,14 @@ def steps() -> list[Step]:
              [PY, b + "decode_roofline.py", "--device", "cuda", "--preset", "deepseek-v2-lite", "--new-tokens", "64",
               "--rounds", "2"],
              [PY, b + "decode_roofline.py", "--new-tokens", "8", "--rounds", "1", "--no-cuda-graphs"], 150),
+        # speculative decoding needs an MTP layer that drafts well: train `tiny` (with its MTP layer) here first
+        Step("MTP speculative decode, batch 1, tiny trained 300 steps",
+             ["bash", "-c", f"{PY} -m deepmoe.cli train --device cuda --steps 300 --out /tmp/suite-mtp >/dev/null && "
+              f"{PY} {b}decode.py --device cuda --model /tmp/suite-mtp/final --prompt 'import os' "
+              "--new-tokens 128 --rounds 3"],
+             ["bash", "-c", f"{PY} -m deepmoe.cli train --steps 2 --eval-every 2 --eval-batches 1 --out /tmp/suite-mtp "
+              f">/dev/null && {PY} {b}decode.py --model /tmp/suite-mtp/final --prompt 'import os' --new-tokens 8 "
+              "--rounds 1"], 180),
         Step("serve ref-813M, 64 concurrent",
              [PY, b + "serve.py", "--device", "cuda", "--preset", "ref-813M", "--requests", "64", "--new-tokens", "128"],
              [PY, b + "serve.py", "--requests", "4", "--new-tokens", "4", "--rounds", "1"], 150),

@@ -194,6 +194,7 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     model.tie_weights()
     model.reset_buffers()
     targets = model.state_dict(keep_vars=True)
+    extremes = {}  # checkpoint key → (min, max) as loaded: NaN or ±inf there means the tensor holds some
     with torch.no_grad():
         for file, keys in plan.items():
             for key, (name, expert) in keys.items():
@@ -203,7 +204,28 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
                     t = dequantize_fp8_block(t, scale, block, torch.float32)
                 dst = targets[name] if expert is None else targets[name][expert]
                 dst.copy_(t.to(dst.dtype))
+                if dst.is_floating_point() and dst.numel():
+                    # a reduction allocates nothing (isfinite would: a byte per weight), and NaN propagates
+                    # through min and max; read back once at the end, not one device sync per tensor
+                    extremes[key] = torch.stack(torch.aminmax(dst)).float()
+        _warn_non_finite(path, model, extremes)
     return model.eval()  # as transformers' from_pretrained: ready for inference; training calls .train()
+
+
+def _warn_non_finite(path: Path, model: DeepSeekModel, extremes: dict[str, torch.Tensor]) -> None:
+    """A checkpoint saved from a diverged run loads like any other and then generates garbage: say so, naming
+    the tensors (by checkpoint key) and how many of their values are NaN and inf."""
+    if not extremes:
+        return
+    finite = torch.isfinite(torch.stack(list(extremes.values()))).all(dim=1).tolist()
+    bad = [key for key, ok in zip(extremes, finite) if not ok]
+    if not bad:
+        return
+    loaded = dict(internal_to_hf(model))  # the loaded tensor under each checkpoint key, to count the bad values
+    counts = [f"{key} ({int(loaded[key].isnan().sum())} NaN, {int(loaded[key].isinf().sum())} inf)" for key in bad[:5]]
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    log.warning("%s: %d weight tensor(s) hold NaN or inf values: %s%s; what the model computes from them is "
+                "NaN or garbage", path, len(bad), ", ".join(counts), more)
 
 
 def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, cfg: ModelConfig,
@@ -377,6 +399,9 @@ def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_siz
                     dtype: torch.dtype | None = None) -> None:
     """Write config.json + safetensors (sharded above max_shard_size bytes) that transformers loads. Every
     file is fsynced before it is renamed into place; an older checkpoint in `path` is replaced safely."""
+    if any(".base_layer." in name for name in model.state_dict()):
+        raise CheckpointError("the model carries LoRA adapters, which a checkpoint cannot hold: save them with "
+                              "deepmoe.lora.save_adapter, or fold them in first with deepmoe.lora.merge_lora")
     path = mkdir(path)
     items = list(internal_to_hf(model))
     # plan shards from sizes alone, then materialise one shard at a time

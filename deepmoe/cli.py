@@ -1,4 +1,9 @@
-"""The `deepmoe` command: thin argument parsing that calls into the package."""
+"""The `deepmoe` command: thin argument parsing that calls into the package.
+
+One `add_<name>_parser(sub)` function per subcommand builds its parser and points it at `cmd_<name>`;
+`build_parser` lists them. The conventions they follow (help with defaults and choices, one way to name a
+model directory, arguments checked while parsing) and the helpers for them are in cli_args.py.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,21 @@ import sys
 import time
 from pathlib import Path
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
+from . import __version__
+from .cli_args import (DTYPES, Parser, add_device_dtype, add_model_arg, at_least, device, dtype_name,
+                       existing_path, model_dir, non_empty, resolve_model_arg, shard_size, torch_dtype)
 
 
-def _dtype(name: str):
-    import torch
+# ---- info ---------------------------------------------------------------------------------------------
+def add_info_parser(sub) -> None:
+    from .config import list_presets
 
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
+    p = sub.add_parser("info", help="parameter counts and KV-cache size of a preset, config or model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny", choices=list_presets(), help="a shipped preset")
+    src.add_argument("--config", type=existing_path, help="a config.json file (default: none, the preset)")
+    add_model_arg(p, required=False, group=src)
+    p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
@@ -33,69 +43,173 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---- convert ------------------------------------------------------------------------------------------
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite a checkpoint: FP8 → bf16, re-shard")
+    p.add_argument("src", type=model_dir, help="the checkpoint directory to read")
+    p.add_argument("dst", help="the directory to write (must differ from src)")
+    p.add_argument("--dtype", type=dtype_name, choices=list(DTYPES), default="bf16",
+                   help="dtype of the written weights (FP8 blocks are dequantized to it)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors file, e.g. 500MB")
+    p.set_defaults(func=cmd_convert)
+
+
 def cmd_convert(args) -> int:
-    from .convert import convert_checkpoint, parse_size
+    from .convert import convert_checkpoint
 
     t0 = time.perf_counter()
-    r = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size))
+    r = convert_checkpoint(args.src, args.dst, dtype=torch_dtype(args.dtype), max_shard_size=args.max_shard_size)
     print(f"wrote {args.dst}: {r['tensors']} tensors ({r['dequantized']} dequantized from fp8), "
           f"{r['shards']} shard(s), {r['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
+# ---- generate -----------------------------------------------------------------------------------------
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streamed as it is made")
+    add_model_arg(p)
+    p.add_argument("--prompt", required=True, type=non_empty, help="the text to continue (with --chat: to answer)")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the model's chat template; print only the reply")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64, help="most tokens to generate")
+    # greedy by default so that a command line gives the same text every time; LLM's SamplingParams and the
+    # server default to 1.0 like vLLM and OpenAI
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default: 0 here; SamplingParams and the server default to 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of tokens with this mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling noise (default: none, a fresh draw)")
+    p.add_argument("--speculative", action="store_true",
+                   help="draft with the model's MTP layer (needs MTP weights; the same text when greedy)")
+    add_device_dtype(p)
+    p.set_defaults(func=cmd_generate)
+
+
 def cmd_generate(args) -> int:
-    import torch
+    from .engine.llm import LLM
+    from .engine.sequence import SamplingParams
 
-    from .checkpoint import load_pretrained
-    from .generate import generate
-    from .tokenizer import load_tokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(args.model, device=device, dtype=args.dtype).eval()
-    tok = load_tokenizer(args.model)
-    ids = torch.tensor([tok.encode(args.prompt)], device=device)
-    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=tok.eos_id, seed=args.seed)
-    print(tok.decode(out[0].tolist()))
+    # the engine's validation, the one LLM and the server apply, before the model is loaded
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_new_tokens, seed=args.seed)
+    llm = LLM(args.model, device=args.device, dtype=torch_dtype(args.dtype), speculative=args.speculative,
+              max_num_seqs=1)  # one prompt: no batch buffers or CUDA graphs for larger batches
+    if args.chat:
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+        print(prompt, end="", flush=True)  # a continuation reads on from its prompt
+    try:
+        for piece in llm.stream(prompt, params):
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C ends the text early, without a traceback; 130 is SIGINT's exit code
+        print()
+        return 130
+    print()
     return 0
+
+
+# ---- serve --------------------------------------------------------------------------------------------
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=at_least(1, 65535), default=8000, help="port to bind")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DEEPMOE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL_DIR's name)")
+    add_device_dtype(p)
+    p.add_argument("--kv-cache-mb", type=at_least(1), default=None,
+                   help="memory of the paged KV cache (default: what the GPU has left, 256 on CPU)")
+    p.add_argument("--max-num-seqs", type=at_least(1), default=64, help="sequences decoded together")
+    p.add_argument("--max-num-batched-tokens", type=at_least(1), default=2048, help="tokens per engine step")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
+    p.add_argument("--adapter", default=None, type=existing_path,
+                   help="a LoRA adapter directory to serve on top of MODEL_DIR (merged into the weights at load; "
+                        "default: none)")
+    # the server's limits (deepmoe/serve/limits.py: the same names and defaults, checked there)
+    p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="bigger request bodies get 413")
+    p.add_argument("--max-prompts-per-request", type=at_least(1), default=64,
+                   help="more prompts in one completions request get 400")
+    p.add_argument("--max-seqs-per-request", type=at_least(1), default=256,
+                   help="more sequences (prompts x n) in one request get 400")
+    p.add_argument("--max-waiting-seqs", type=at_least(1), default=1024,
+                   help="queued sequences; a request that would exceed it gets 503 + Retry-After")
+    p.add_argument("--read-timeout-s", type=float, default=30.0,
+                   help="a request body must arrive within this many seconds, else 408")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, requests still running after this get an error event and [DONE]")
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     import os
 
     try:
-        from .serve.app import build_app, run
+        from .serve.app import build_app
+        from .serve.limits import ServerLimits
+        from .serve.server import run
     except ImportError as e:
         print(f"deepmoe serve: error: {e}; install the server's dependencies with: pip install 'deepmoe[serve]'",
               file=sys.stderr)
         return 2
     from .engine.llm import LLM
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype,
+    # checked before the model loads: a bad flag should not cost a load
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompts_per_request=args.max_prompts_per_request,
+                          max_seqs_per_request=args.max_seqs_per_request, max_waiting_seqs=args.max_waiting_seqs,
+                          read_timeout_s=args.read_timeout_s, shutdown_grace_s=args.shutdown_grace_s)
+    llm = LLM(args.model, device=args.device, dtype=torch_dtype(args.dtype),
               kv_cache_bytes=args.kv_cache_mb * 2**20 if args.kv_cache_mb else None, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
-              cuda_graphs=not args.no_cuda_graphs)
+              cuda_graphs=not args.no_cuda_graphs, adapter=args.adapter)
     name = args.served_model_name or Path(args.model).resolve().name
     api_key = args.api_key or os.environ.get("DEEPMOE_API_KEY") or None
-    run(build_app(llm.engine, name, api_key=api_key, max_body_bytes=args.max_body_bytes), args.host, args.port)
+    run(build_app(llm.engine, name, api_key=api_key, limits=limits), args.host, args.port)
     return 0
 
 
-# ---- train / eval ---------------------------------------------------------------------------------
-# help text per TrainConfig field; flags are --field-name, types come from the dataclass
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full model directory")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", type=existing_path, help="the adapter directory")
+    p.add_argument("out", metavar="OUT_DIR", help="where the merged model directory is written")
+    p.add_argument("--model", default=None, type=model_dir,
+                   help="the base model directory (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size, help="largest safetensors shard")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from .lora import merge_adapter
+
+    t0 = time.perf_counter()
+    r = merge_adapter(args.adapter, args.out, base=args.model, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.out}: {r['base']} + {args.adapter}, {r['merged']} of {r['tensors']} tensors changed, "
+          f"{r['shards']} shard(s) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ---- train --------------------------------------------------------------------------------------------
+# help text per TrainConfig field; flags are --field-name, types come from the dataclass. A field whose
+# default is None says in its help what it becomes; the others get their default appended.
 TRAIN_HELP = {
     "preset": "model preset (default: tiny on CPU, ref-813M on CUDA)",
-    "model_config": "a model config.json instead of a preset (flag: --config)",
+    "model_config": "a model config.json instead of a preset (flag: --config; default: none, the preset)",
     "data": "corpus: text file, folder, .jsonl or .parquet (default: this Python's standard library)",
     "text_field": "JSONL/Parquet field holding the text",
-    "tokenizer": "tokenizer directory to use instead of training BPE on the corpus",
+    "tokenizer": "tokenizer directory to use (default: train byte-level BPE on the corpus)",
     "val_fraction": "fraction of documents held out for validation",
     "out": "run directory (default: runs/<preset>)",
     "cache_dir": "tokenizer/token cache (default: $DEEPMOE_CACHE or ~/.cache/deepmoe)",
-    "seq_len": "tokens per sequence", "batch_size": "sequences per micro-batch",
-    "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps",
-    "lr": "peak learning rate", "min_lr_ratio": "cosine floor as a fraction of --lr",
-    "warmup_steps": "linear warmup steps", "schedule": "multistep (DeepSeek), cosine or constant",
+    "seq_len": "tokens per sequence (default: 256 for models of hidden size <= 512, else 1024)",
+    "batch_size": "sequences per micro-batch (default: 8)",
+    "grad_accum": "micro-batches per optimizer step",
+    "steps": "optimizer steps (default: 600 for models of hidden size <= 512, else 5000)",
+    "lr": "peak learning rate (default: 3e-3 for models of hidden size <= 512, else 1e-3)",
+    "min_lr_ratio": "cosine floor as a fraction of --lr",
+    "warmup_steps": "linear warmup steps (default: --steps / 20, between 1 and 100)",
+    "schedule": "multistep (DeepSeek), cosine or constant",
     "decay_at": "multistep: comma-separated fractions of the run where the rate drops",
     "decay_factor": "multistep: factor applied at each drop",
     "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon", "weight_decay": "AdamW weight decay",
@@ -105,50 +219,67 @@ TRAIN_HELP = {
     "aux_loss_alpha": "alpha: sequence-wise balance loss weight (default: the model config's)",
     "capacity_factor": "cap experts at this multiple of the mean load, dropping the rest (default: dropless)",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
-    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp8 (DeepSeek-V3's FP8 GEMMs; "
+                 "emulated exactly on CPU)",
     "activation_checkpointing": "recompute each block in backward to save memory",
     "compile": "torch.compile each decoder block", "seed": "seed of initialisation, split and data order",
     "max_bad_steps": "consecutive non-finite steps before the run stops",
-    "eval_every": "steps between validation passes", "eval_batches": "batches per periodic validation",
-    "checkpoint_every": "steps between checkpoints", "keep_checkpoints": "checkpoints kept on disk",
+    "eval_every": "steps between validation passes (default: --steps / 10)",
+    "eval_batches": "batches per periodic validation",
+    "checkpoint_every": "steps between checkpoints (default: --steps / 4)",
+    "keep_checkpoints": "checkpoints kept on disk",
     "plots": "write PNG plots into the run directory", "progress": "show the progress bar",
     "sample_tokens": "tokens of the greedy sample written at the end",
 }
-# what may differ from the saved config when resuming: logging, checkpointing, where things live, and the
-# run length (a longer run also moves the multistep/cosine decay points; every other flag must match)
-RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
-                    "sample_tokens", "device", "eval_batches", "max_bad_steps", "out", "cache_dir"}
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     import dataclasses
     import typing
 
-    from .train.config import TrainConfig
+    from .config import list_presets
+    from .train.config import PRECISIONS, SCHEDULES, TrainConfig
 
+    choices = {"preset": list_presets(), "schedule": SCHEDULES, "precision": PRECISIONS}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in TRAIN_HELP:
             continue
         flag = "--config" if f.name == "model_config" else "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
+        # the flags default to SUPPRESS (only given flags reach TrainConfig and the resume check), so the
+        # help shows the dataclass's default itself
+        help = TRAIN_HELP[f.name]
+        if "default" not in help:
+            shown = (("on" if f.default else "off") if kind is bool
+                     else ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
+            help += f" (default: {shown})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "decay_at":
             p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), **kw)
+        elif f.name == "device":
+            p.add_argument(flag, type=device, **kw)
         else:
             base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
-            p.add_argument(flag, type=base, **kw)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+            p.add_argument(flag, type=base, choices=choices.get(f.name), **kw)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its newest checkpoint, or from CHECKPOINT (a step-NNNNNNN "
+                        "name or path; later checkpoints are deleted). Changed --lr, --warmup-steps and other "
+                        "optimizer and schedule flags apply from there and are recorded")
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a model (default: tiny preset on the Python stdlib)")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-
     import torch
 
-    from .train.config import TrainConfig, resolve
+    from .train.config import TrainConfig, resolve, resume_config
     from .train.loop import train
     from .train.state import TRAIN_CONFIG
 
@@ -158,16 +289,11 @@ def cmd_train(args) -> int:
         saved_path = Path(cfg.out) / TRAIN_CONFIG
         if not saved_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {str(saved_path)!r} does not exist")
-        saved = TrainConfig.from_json(saved_path)
-        changed = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDES and getattr(saved, k) != v)
-        if changed:
-            raise ValueError(f"--resume continues the saved run; these flags would change it: "
-                             f"{', '.join('--' + k.replace('_', '-') for k in changed)} (remove them)")
-        keep = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
-        cfg, model_cfg = resolve(dataclasses.replace(saved, **keep), torch.cuda.is_available())
+        cfg, model_cfg = resolve(resume_config(TrainConfig.from_json(saved_path), given), torch.cuda.is_available())
     summary = train(cfg, model_cfg, resume=args.resume)
-    print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time_s']:.0f}s "
-          f"({summary['tokens_per_s']:,} tok/s), {summary['skipped_steps']} skipped")
+    print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s wall "
+          f"({summary['step_time_s']:.0f}s in steps, {summary['tokens_per_s']:,} tok/s), "
+          f"{summary['skipped_steps']} skipped")
     if summary["val_loss"] is not None:
         print(f"val       loss {summary['val_loss']:.4f}  ppl {summary['val_ppl']:.2f}  "
               f"bits/byte {summary['val_bpb']:.4f}")
@@ -177,6 +303,22 @@ def cmd_train(args) -> int:
     if summary["sample"]:
         print("sample    greedy, prompt 'def ':\n" + summary["sample"])
     return 0
+
+
+# ---- eval ---------------------------------------------------------------------------------------------
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a model directory")
+    add_model_arg(p)
+    p.add_argument("--data", type=existing_path,
+                   help="evaluate on these documents (default: the held-out split it trained on)")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+    p.add_argument("--seq-len", type=at_least(1), default=None,
+                   help="tokens per sequence (default: the training run's, else 256)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward pass")
+    p.add_argument("--max-batches", type=at_least(1), default=None, help="stop after this many (default: all)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $DEEPMOE_CACHE or ~/.cache/deepmoe)")
+    add_device_dtype(p)
+    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
@@ -192,7 +334,7 @@ def cmd_eval(args) -> int:
 
     model_dir = Path(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(model_dir, device=device, dtype=args.dtype, load_mtp=False)
+    model = load_pretrained(model_dir, device=device, dtype=torch_dtype(args.dtype), load_mtp=False)
     tok = load_tokenizer(model_dir)
     saved = TrainConfig.from_json(model_dir / TRAIN_CONFIG) if (model_dir / TRAIN_CONFIG).is_file() else None
     if args.data:
@@ -212,19 +354,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
-# ---- sft / distill (deepmoe.posttrain) --------------------------------------------------------------
-# help per SFTConfig / DistillConfig field; flags are --field-name, types from the dataclass, and the
-# dataclass default is appended to the help (None defaults say in their text what they resolve to)
+# ---- sft / distill (deepmoe.posttrain) ----------------------------------------------------------------
+# help per SFTConfig / DistillConfig field; flags are --field-name, types from the dataclass. As for train,
+# a field whose default is None says in its help what it becomes; the others get their default appended.
 SFT_HELP = {
-    "model": "the model directory to fine-tune (required)",
-    "data": "chat JSONL ({'messages': [{'role', 'content'}, ...]}) or prompt/completion JSONL",
+    "data": "chat JSONL ({'messages': [{'role', 'content'}, ...]}) or prompt/completion JSONL (default: none; "
+            "give --data or --task)",
     "task": "or a built-in task: arithmetic, countdown, with options as name:field=value,... "
-            "(e.g. arithmetic:max_digits=2,ops=+-)",
+            "(e.g. arithmetic:max_digits=2,ops=+-; default: none)",
     "task_examples": "--task: training problems to generate",
     "val_fraction": "--data: share of records held out for the validation loss (by content hash)",
     "val_examples": "--task: held-out problems whose worked solutions give the validation loss",
     "eval_problems": "--task: held-out problems answered greedily through the engine for accuracy, before "
-                     "and after (0: off)",
+                     "and after; 0 turns it off",
     "max_new_tokens": "generation budget per answer in the accuracy evaluation",
     "on_bad_line": "a malformed JSONL line: stop (naming file:line) or skip (each listed in the log)",
     "out": "run directory (required)",
@@ -233,7 +375,7 @@ SFT_HELP = {
     "batch_size": "examples per micro-batch (padded to the longest)", "grad_accum": "micro-batches per step",
     "steps": "optimizer steps (default: one epoch of the training set)",
     "lr": "peak learning rate (default: 1e-3 for hidden_size <= 512, else 2e-5)",
-    "min_lr_ratio": "cosine floor as a fraction of --lr", "warmup_steps": "linear warmup (default: 5%% of steps)",
+    "min_lr_ratio": "cosine floor as a fraction of --lr", "warmup_steps": "linear warmup (default: 5%% of the steps)",
     "schedule": "cosine, multistep or constant", "decay_at": "multistep: comma-separated fractions of the run",
     "decay_factor": "multistep: factor at each drop", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
     "eps": "AdamW epsilon", "weight_decay": "AdamW weight decay", "grad_clip": "gradient-norm clip (0: off)",
@@ -241,7 +383,7 @@ SFT_HELP = {
     "bias_update_rate": "gamma of aux-loss-free balancing (0: off)",
     "aux_loss_alpha": "sequence-wise balance loss weight (default: the model config's)",
     "capacity_factor": "cap experts at this multiple of the mean load (default: dropless)",
-    "device": "cpu, cuda, ... (default: cuda if available)",
+    "device": "cpu, cuda or cuda:N (default: cuda if available)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
     "activation_checkpointing": "recompute each block in backward", "compile": "torch.compile each block",
     "seed": "seed of problem generation and data order", "max_bad_steps": "non-finite steps in a row before stopping",
@@ -252,10 +394,10 @@ SFT_HELP = {
 }
 DISTILL_HELP = {
     **SFT_HELP,
-    "model": "the student model directory",
+    "model": "the student model directory (default: none, for a fresh student built from a preset or config)",
     "teacher": "the teacher model directory (required)",
-    "student_preset": "or a fresh student from a preset, with the teacher's tokenizer",
-    "student_config": "or a fresh student from a config.json, with the teacher's tokenizer",
+    "student_preset": "or a fresh student from a preset, with the teacher's tokenizer (default: none)",
+    "student_config": "or a fresh student from a config.json, with the teacher's tokenizer (default: none)",
     "mode": "logit (match the teacher's distributions on the data) or sequence (SFT on the teacher's "
             "answers to --task prompts)",
     "kl": "logit: forward KL(teacher||student), reverse, or mix", "kl_mix": "mix: weight of the forward KL",
@@ -270,21 +412,33 @@ POSTTRAIN_RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_c
                               "device", "eval_batches", "max_bad_steps", "eval_problems", "max_new_tokens"}
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], renames: dict[str, str]) -> None:
+def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], renames: dict[str, str]) -> None:
     import dataclasses
     import typing
 
-    choices = _posttrain_choices()
+    from .config import list_presets
+    from .posttrain.config import DISTILL_MODES, PRECISIONS
+    from .posttrain.data import BAD_LINE_POLICIES
+    from .posttrain.losses import KL_KINDS
+    from .train.config import SCHEDULES
+
+    choices = {"on_bad_line": BAD_LINE_POLICIES, "schedule": SCHEDULES, "precision": PRECISIONS,
+               "mode": DISTILL_MODES, "kl": KL_KINDS, "student_preset": list_presets()}
+    types = {"device": device, "teacher": model_dir, "model": model_dir, "data": existing_path,
+             "student_config": existing_path}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name not in helps:
             continue
         flag = renames.get(f.name, "--" + f.name.replace("_", "-"))
         kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        text = helps[f.name] + ("" if default is None or "default:" in helps[f.name] else
-                                f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
+        # SUPPRESS: only given flags reach the config and the resume check, so the help shows the default
+        help = helps[f.name]
+        if "default" not in help and "(required)" not in help:
+            shown = (("on" if f.default else "off") if kind is bool
+                     else ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
+            help += f" (default: {shown})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "decay_at":
@@ -292,18 +446,10 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], re
         else:
             base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
             metavar = None if f.name in choices else flag.removeprefix("--").replace("-", "_").upper()
-            p.add_argument(flag, type=base, choices=choices.get(f.name), metavar=metavar, **kw)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-
-
-def _posttrain_choices() -> dict[str, tuple[str, ...]]:
-    from .posttrain.config import DISTILL_MODES
-    from .posttrain.data import BAD_LINE_POLICIES
-    from .posttrain.losses import KL_KINDS
-    from .train.config import PRECISIONS, SCHEDULES
-
-    return {"on_bad_line": BAD_LINE_POLICIES, "schedule": SCHEDULES, "precision": PRECISIONS, "mode": DISTILL_MODES,
-            "kl": KL_KINDS}
+            p.add_argument(flag, type=types.get(f.name, base), choices=choices.get(f.name), metavar=metavar, **kw)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint; flags that would change its data, "
+                        "model or objective are refused")
 
 
 def _posttrain_config(args, cls, helps: dict[str, str]):
@@ -315,7 +461,9 @@ def _posttrain_config(args, cls, helps: dict[str, str]):
 
     from .posttrain.config import resolve
 
-    given = {k: v for k, v in vars(args).items() if k in helps}
+    given = {k: v for k, v in vars(args).items() if k in helps or k == "model"}
+    if given.get("model") is None:
+        given.pop("model", None)
     if not args.resume:
         return resolve(cls(**given), torch.cuda.is_available())
     if "out" not in given:
@@ -351,6 +499,17 @@ def _print_posttrain_summary(summary: dict, out: str) -> None:
         print(f"sample    {ex['question']}\n{ex['completion']}")
 
 
+def add_sft_parser(sub) -> None:
+    from .posttrain.config import SFTConfig
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat / prompt-completion JSONL or a built-in task",
+                       description="Fine-tune a model directory; the loss covers assistant tokens only. Writes "
+                                   "RUN/final (a model directory), metrics.jsonl, checkpoints, plots.")
+    add_model_arg(p, required=False)  # not needed with --resume: the run's config names it
+    _add_posttrain_flags(p, SFTConfig, SFT_HELP, {})
+    p.set_defaults(func=cmd_sft)
+
+
 def cmd_sft(args) -> int:
     from .posttrain.config import SFTConfig
     from .posttrain.sft import sft
@@ -358,6 +517,16 @@ def cmd_sft(args) -> int:
     cfg = _posttrain_config(args, SFTConfig, SFT_HELP)
     _print_posttrain_summary(sft(cfg, resume=args.resume), cfg.out)
     return 0
+
+
+def add_distill_parser(sub) -> None:
+    from .posttrain.config import DistillConfig
+
+    p = sub.add_parser("distill", help="distil a teacher model into a student (logit KD or sequence-level)",
+                       description="Logit KD on --data/--task text, or SFT of the student on the teacher's "
+                                   "answers to --task prompts (--mode sequence).")
+    _add_posttrain_flags(p, DistillConfig, DISTILL_HELP, {"model": "--student"})
+    p.set_defaults(func=cmd_distill)
 
 
 def cmd_distill(args) -> int:
@@ -369,95 +538,24 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _add_sft_parser(sub) -> None:
-    from .posttrain.config import SFTConfig
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat / prompt-completion JSONL or a built-in task",
-                       description="Fine-tune a model directory; the loss covers assistant tokens only. Writes "
-                                   "RUN/final (a model directory), metrics.jsonl, checkpoints, plots.")
-    _add_config_flags(p, SFTConfig, SFT_HELP, {})
-    p.set_defaults(func=cmd_sft)
-
-
-def _add_distill_parser(sub) -> None:
-    from .posttrain.config import DistillConfig
-
-    p = sub.add_parser("distill", help="distil a teacher model into a student (logit KD or sequence-level)",
-                       description="Logit KD on --data/--task text, or SFT of the student on the teacher's "
-                                   "answers to --task prompts (--mode sequence).")
-    _add_config_flags(p, DistillConfig, DISTILL_HELP, {"model": "--student"})
-    p.set_defaults(func=cmd_distill)
-
-
+# ---- the command --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepmoe", description="DeepSeek-V2/V3 MoE models in compact PyTorch.")
-    sub = p.add_subparsers(dest="command", required=True)
+    import torch
 
-    info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset, config or model")
-    src = info.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny",
-                     help="a shipped preset (tiny, ref-813M, deepseek-v2-lite, deepseek-v3)")
-    src.add_argument("--config", help="a config.json file")
-    src.add_argument("--model", help="a model directory")
-    info.set_defaults(func=cmd_info)
-
-    conv = sub.add_parser("convert", help="rewrite a checkpoint: FP8 → bf16, re-shard")
-    conv.add_argument("src")
-    conv.add_argument("dst")
-    conv.add_argument("--dtype", type=_dtype, default="bf16")
-    conv.add_argument("--max-shard-size", default="5GB")
-    conv.set_defaults(func=cmd_convert)
-
-    gen = sub.add_parser("generate", help="continue a prompt with a model directory")
-    gen.add_argument("--model", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--dtype", type=_dtype, default="fp32")
-    gen.set_defaults(func=cmd_generate)
-
-    tr = sub.add_parser("train", help="pretrain a model (default: tiny preset on the Python stdlib)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_train_flags(tr)
-    tr.set_defaults(func=cmd_train)
-
-    ev = sub.add_parser("eval", help="validation loss, perplexity and bits/byte of a model directory")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--data", help="evaluate on these documents (default: the held-out split it trained on)")
-    ev.add_argument("--text-field", default="text")
-    ev.add_argument("--seq-len", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-batches", type=int, default=None)
-    ev.add_argument("--cache-dir", default=None)
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--dtype", type=_dtype, default="fp32")
-    ev.set_defaults(func=cmd_eval)
-
-    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    srv.add_argument("model", metavar="MODEL_DIR")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8000, help="default: 8000")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $DEEPMOE_API_KEY)")
-    srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL_DIR's name)")
-    srv.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    srv.add_argument("--dtype", type=_dtype, default=None, help="default: fp32 for an fp32 checkpoint, else bf16")
-    srv.add_argument("--kv-cache-mb", type=int, default=None,
-                     help="memory of the paged KV cache (default: what the GPU has left, 256 on CPU)")
-    srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default: 64)")
-    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (default: 2048)")
-    srv.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
-    srv.add_argument("--no-cuda-graphs", action="store_true",
-                     help="run decode steps eagerly on CUDA instead of replaying CUDA graphs (for debugging)")
-    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bigger bodies get 413 (default: 1 MiB)")
-    srv.set_defaults(func=cmd_serve)
-
-    _add_sft_parser(sub)
-    _add_distill_parser(sub)
+    p = Parser(prog="deepmoe", description="DeepSeek-V2/V3 MoE models in compact PyTorch.")
+    p.add_argument("--version", action="version", version=f"deepmoe {__version__} (torch {torch.__version__})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_info_parser, add_convert_parser, add_generate_parser, add_train_parser, add_eval_parser,
+                add_serve_parser, add_merge_parser, add_sft_parser, add_distill_parser):
+        add(sub)
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_model_arg(parser, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .train.loop import TrainingError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument (already reported in one line)
+        return e.code
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)

@@ -16,8 +16,9 @@ from .checkpoint import CheckpointError, SafetensorsFiles, _fp8_block, _key_file
 from .durable import atomic_write, atomic_write_text, mkdir
 from .fp8 import dequantize_fp8_block
 
-_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-         "chat_template.jinja")
+# what a model directory holds besides config.json and the weights: copied along by convert and merge
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "chat_template.jinja")
 
 
 def parse_size(text: str) -> int:
@@ -73,7 +74,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
     raw.pop("quantization_config", None)
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write_text(dst / "config.json", json.dumps(raw, indent=2, sort_keys=True))
-    for name in _COPY:
+    for name in SIDE_FILES:
         if (src / name).is_file():
             atomic_write(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
     return {"tensors": len(keys), "dequantized": counts["dequantized"], "shards": n, "bytes": counts["bytes"]}

@@ -2,7 +2,9 @@
 
 The cache holds, per layer, only c_kv (kv_lora_rank) and the rotated k_pe (qk_rope_head_dim) of
 every past token; the model attends over it in absorbed form. This is the simple, exact decoding
-loop (prefill once, then one token per step) that the serving engine is measured against.
+loop (prefill once, then one token per step) that the serving engine is measured against, and the
+trainer's end-of-run sample (the model being trained, as it is: no paged cache to size, no weight
+re-layout). Everything else, `deepmoe generate` included, decodes with the engine (`deepmoe.LLM`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ class ContiguousLatentCache:
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) → next token ids (B,). temperature 0 is greedy. The filters are the engine's."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+    """logits (B, V) → next token ids (B,). temperature 0 is greedy. The filters and the validation of
+    their parameters are the engine's."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if params.greedy:
+        return logits.argmax(dim=-1)
     probs = filter_logits(logits.float(), params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -51,6 +54,9 @@ def generate(model: DeepSeekModel, input_ids: torch.Tensor, max_new_tokens: int,
              ) -> torch.Tensor:
     """input_ids (B, T) → (B, T + n) with n ≤ max_new_tokens (stops early once every row hit eos)."""
     B, T = input_ids.shape
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # the engine's checks, before any work
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_len = T + max_new_tokens
     if max_len > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's context "

@@ -64,6 +64,7 @@ def format_stats(name: str, cfg: ModelConfig, s: ModelStats) -> str:
         ("parameters", s.total, "main model"),
         ("activated", s.activated, "per token"),
         ("MTP", s.mtp, "own parameters"),
+        ("with MTP", s.total + s.mtp, "main + MTP's own: the count `deepmoe train` prints"),
         ("MTP on disk", s.mtp_on_disk, "+ copies of embedding and head"),
         ("checkpoint", s.total_with_mtp_on_disk, "main + MTP on disk"),
     ]

@@ -142,3 +142,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def failing_sample(sample, seed):
+    """The engine's batched sampler, except that a batch holding a request seeded `seed` fails: a stand-in for
+    any error that belongs to one request's parameters."""
+    def wrapped(logits, params, *rest):
+        if any(p.seed == seed for p in params):
+            raise RuntimeError("injected sampling failure")
+        return sample(logits, params, *rest)
+    return wrapped

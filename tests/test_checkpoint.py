@@ -175,8 +175,15 @@ def test_cli_info_prints_counts(capsys):
     assert cli(["info", "--preset", "deepseek-v3"]) == 0
     out = capsys.readouterr().out
     assert "671.03B" in out and "37.55B" in out and "71.1x smaller" in out
+    # the count training prints (main model + MTP's own parameters) has a row of its own, so that the two
+    # figures a user meets (10.62M from info, 12.62M from train for tiny) are both explained
+    assert cli(["info", "--preset", "tiny"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("with MTP"))
+    with torch.device("meta"):
+        trained = deepmoe.DeepSeekModel(deepmoe.ModelConfig.from_preset("tiny")).num_parameters()
+    assert int(row.split()[3].replace(",", "")) == trained
     assert cli(["info", "--preset", "missing"]) == 2
-    assert "available" in capsys.readouterr().err
+    assert "choose from" in capsys.readouterr().err
 
 
 def test_layers_beyond_config_are_unexpected_unless_they_are_mtp(saved):
@@ -307,3 +314,27 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     for f in ("config.json", "model.safetensors"):
         assert (tmp_path / "m" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_non_finite_weights_load_with_a_warning_naming_them(saved, caplog):
+    _, path = saved
+    with caplog.at_level(logging.WARNING, logger="deepmoe"):
+        deepmoe.load_pretrained(path, dtype=torch.float32)
+    assert "NaN" not in caplog.text  # a clean checkpoint loads quietly
+
+    def poison(t):
+        t["model.layers.1.self_attn.o_proj.weight"][0, :3] = float("nan")
+        t["model.layers.2.mlp.experts.5.down_proj.weight"][1, 1] = float("inf")  # one expert of a stacked tensor
+        t["model.norm.weight"][0] = float("-inf")
+
+    _rewrite(path, poison)
+    for dtype in (torch.float32, torch.bfloat16):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepmoe"):
+            model = deepmoe.load_pretrained(path, dtype=dtype)
+        assert "3 weight tensor(s) hold NaN or inf values" in caplog.text
+        for named in ("model.layers.1.self_attn.o_proj.weight (3 NaN, 0 inf)",
+                      "model.layers.2.mlp.experts.5.down_proj.weight (0 NaN, 1 inf)", "model.norm.weight (0 NaN, 1 inf)"):
+            assert named in caplog.text, named
+        assert "experts.4." not in caplog.text  # the neighbouring expert of the same stacked tensor is clean
+        assert model.model.layers[1].self_attn.o_proj.weight.isnan().sum() == 3  # loaded as it is, not repaired

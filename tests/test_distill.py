@@ -125,7 +125,9 @@ def test_distill_usage_errors(teacher, tmp_path, capsys):
     assert main([*base]) == 2
     assert "exactly one of --student DIR, --student-preset NAME, --student-config FILE" in capsys.readouterr().err
     assert main([*base, "--student-preset", "nano"]) == 2
-    assert "unknown preset 'nano'" in capsys.readouterr().err
+    assert "argument --student-preset: invalid choice: 'nano'" in capsys.readouterr().err
+    assert main([*base, "--student", str(tmp_path / "missing")]) == 2
+    assert "argument --student: " in capsys.readouterr().err
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     assert main(["distill", "--teacher", str(teacher), "--student", str(teacher), "--data", str(data), "--mode",

@@ -13,7 +13,7 @@ from deepmoe import durable
 from deepmoe.tokenizer import train_bpe
 from deepmoe.train.config import TrainConfig
 from deepmoe.train.optim import build_optimizer
-from deepmoe.train.state import list_checkpoints, load_trainer_state, save_checkpoint
+from deepmoe.train.state import list_checkpoints, load_trainer_state, remove_interrupted_saves, save_checkpoint
 
 from .conftest import v3_config
 from .crashes import record_fs, run_until_complete
@@ -130,3 +130,26 @@ def test_mkdir_persists_each_directory_it_creates(tmp_path, monkeypatch):
     durable.mkdir(tmp_path / "a" / "b")
     assert events == [("fsync", str(tmp_path)), ("fsync", str(tmp_path / "a"))]
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_only_what_interrupted_saves_leave_is_removed(tmp_path):
+    run = tmp_path / "run"
+    ours = [("checkpoints/.step-0000004.k2x_9abc", "dir"),  # mkdtemp of a checkpoint
+            ("checkpoints/.step-0000002.deleting", "dir"),  # remove_dir cut short
+            (".final.ab12cd34", "dir"), (".train_config.json.0a1b2c3d.tmp", "file")]  # final/, an atomic write
+    theirs = [("checkpoints/.step-0000006.old", "dir"),  # the only complete copy: recover_dir's to restore
+              (".final.old", "dir"), (".git", "dir"), (".final.mine", "dir"), ("notes.txt", "file"),
+              (".notes.txt.swp", "file"), ("checkpoints/step-0000008", "dir")]
+    for name, kind in ours + theirs:
+        path = run / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "dir":
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"x" * 1000)
+        else:
+            path.write_text("{}")
+    removed = remove_interrupted_saves(run)
+    assert sorted(str(p.relative_to(run)) for p in removed) == sorted(name for name, _ in ours)
+    assert all(not (run / name).exists() for name, _ in ours)
+    assert all((run / name).exists() for name, _ in theirs)
+    assert remove_interrupted_saves(run) == []

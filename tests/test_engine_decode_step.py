@@ -71,3 +71,71 @@ def test_static_step_pads_without_touching_other_sequences(parts):
                            decode_mode="static")
         results.append(_generate(engine, PROMPTS[:3], [12, 12, 12]))
     assert results[0] == results[1]
+
+
+@pytest.fixture(scope="module")
+def mtp_parts():
+    cfg = v3_config(num_nextn_predict_layers=1, rope_scaling=None)
+    model = build_model(cfg, seed=1)
+    with torch.no_grad():  # spread the main and the MTP logits alike: no near-ties between the two paths
+        model.lm_head.weight.mul_(20)
+    return model.eval(), train_bpe([f"def f{i}(x): return x * {i}\n" for i in range(40)], 300)
+
+
+def _recording_propose(monkeypatch, truth: dict | None = None):
+    """Record every draft the engine proposes from the MTP logits; with `truth` (prompt → greedy tokens),
+    draft the true next token except at every third position instead (accepted and rejected drafts
+    alternate, so the verify step sees rows of one and two kept tokens)."""
+    import deepmoe.engine.llm as llm_module
+
+    proposed = []
+    real = llm_module.propose
+
+    def propose(logits, p, history, prompt_len, generator):
+        token = real(logits, p, history, prompt_len, generator)
+        proposed.append((len(history), token))
+        if truth is not None:
+            prompt = tuple(history[:prompt_len])
+            right = (list(prompt) + truth[prompt])[len(history)]
+            token = right if len(history) % 3 else (right + 1) % 300
+        return token
+
+    monkeypatch.setattr(llm_module, "propose", propose)
+    return proposed
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_compiled_speculative_steps_equal_the_general_engine(mtp_parts, monkeypatch, oracle):
+    """Verification (T = 2 queries per row) and MTP drafting as static compiled steps: no graph breaks, one
+    graph per (step, bucket, width) used, and the same tokens, the same MTP proposals (so the drafting step
+    read the right hidden states and positions) and the same acceptance as the general path."""
+    model, tok = mtp_parts
+    prompts = PROMPTS[:3]
+    n_new = [30, 22, 14]
+    truth = {tuple(p): naive_greedy(model, p, n + 2) for p, n in zip(prompts, n_new)} if oracle else None
+    results = []
+    for mode in (None, "compiled"):
+        proposed = _recording_propose(monkeypatch, truth)
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        engine = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4, max_num_seqs=4, speculative=True)
+        if mode:
+            engine.runner.decoder = StaticDecoder(model, engine.runner.cache, 4, max_blocks=32, mode=mode,
+                                                  compile_backend="eager", draft_tokens=1)
+            widths = []
+            run, draft = engine.runner.decoder.run, engine.runner.decoder.draft
+            engine.runner.decoder.run = lambda t, *a: widths.append(max(map(len, t))) or run(t, *a)
+            engine.runner.decoder.draft = lambda t, *a: widths.append(-max(map(len, t))) or draft(t, *a)
+        tokens = _generate(engine, prompts, n_new)
+        results.append((tokens, proposed, engine.num_drafted, engine.num_accepted))
+        monkeypatch.undo()
+    (ref, ref_proposed, drafted, accepted), (got, got_proposed, *stats) = results
+    assert got == ref and got_proposed == ref_proposed and stats == [drafted, accepted]
+    assert ref[0] == naive_greedy(model, prompts[0], n_new[0])
+    assert drafted > 20 and (0 < accepted < drafted if oracle else accepted >= 0)
+    # verify steps of width 2 and drafting steps that kept 2 tokens (an accepted draft) both ran statically
+    assert widths.count(2) > 10 and (widths.count(-2) > 3 if oracle else True)
+    assert sum(counters["graph_break"].values()) == 0
+    # at most (main, draft) × buckets (1, 2, 4) × widths (1, 2) graphs, whatever the data
+    assert counters["stats"]["unique_graphs"] <= 12

@@ -5,6 +5,7 @@ else is in the batch; stop strings, logprobs, n, the sampler's filters, and no l
 import pytest
 import torch
 
+import deepmoe.engine.llm as llm_module
 from deepmoe.checkpoint import save_pretrained
 from deepmoe.engine.detokenizer import IncrementalDetokenizer, decode_stable
 from deepmoe.engine.kv_cache import budget_bytes, bytes_per_block
@@ -15,7 +16,7 @@ from deepmoe.engine.sequence import SamplingParams
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 
-from .conftest import naive_greedy, v3_config
+from .conftest import failing_sample, naive_greedy, v3_config
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(60)]
 
@@ -76,7 +77,7 @@ def test_a_later_request_reuses_an_earlier_ones_prefix(parts):
     assert engine.blocks.num_free_blocks == len(engine.blocks.blocks)
 
 
-def test_llm_api_from_a_model_directory(parts, tmp_path):
+def test_llm_api_from_a_model_directory(parts, tmp_path, monkeypatch):
     model, tok = parts
     save_pretrained(model, tmp_path)
     tok.save(tmp_path)
@@ -110,6 +111,35 @@ def test_llm_api_from_a_model_directory(parts, tmp_path):
     with pytest.raises(ValueError, match="context"):
         llm.generate([[1] * model.config.max_position_embeddings])
 
+    monkeypatch.setattr(llm_module, "sample", failing_sample(llm_module.sample, seed=666))
+    with pytest.raises(RuntimeError, match=r"prompt 1 .*injected sampling failure"):  # named, not a bad output
+        llm.generate([[5, 6, 7], [8, 9]], SamplingParams(temperature=0.9, seed=666, max_tokens=4))
+    assert llm.engine.blocks.num_free_blocks == len(llm.engine.blocks.blocks)
+
+
+def test_stream_yields_the_text_of_generate_piece_by_piece(parts, tmp_path):
+    model, tok = parts
+    save_pretrained(model, tmp_path)
+    tok.save(tmp_path)
+    llm = LLM(tmp_path, device="cpu", dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = llm.generate("def f2(x):", greedy)[0].text
+    stop = full[6:8]  # a stop string the text surely reaches: held back while it may still complete
+    for params in (greedy, SamplingParams(temperature=0.9, top_p=0.9, max_tokens=30, seed=5, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])):
+        pieces = list(llm.stream("def f2(x):", params))
+        assert len(pieces) > 2  # the text arrives as it is made, not at the end
+        assert "".join(pieces) == llm.generate("def f2(x):", params)[0].text
+    assert "".join(pieces) == full[:full.find(stop)]
+    # a consumer that stops early (break, Ctrl-C) cancels the request: nothing keeps running or holds blocks
+    pieces = llm.stream("def f2(x):", greedy)
+    next(pieces)
+    pieces.close()
+    assert not llm.engine.scheduler.has_unfinished()
+    assert llm.engine.blocks.num_free_blocks == len(llm.engine.blocks.blocks)
+    with pytest.raises(ValueError, match="n must be 1"):
+        next(llm.stream("def f2(x):", SamplingParams(n=2)))
+
 
 def test_generate_finishes_requests_that_outgrow_the_cache(parts, tmp_path):
     """A 3-block cache holds 12 tokens. Each request stops with "length" at 13 tokens (the 13th is sampled
@@ -134,6 +164,40 @@ def test_generate_finishes_requests_that_outgrow_the_cache(parts, tmp_path):
         assert o.finish_reason == "length" and o.token_ids == naive_greedy(model, p, 13 - len(p))
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.blocks.num_free_blocks == 3
+
+
+def test_a_sequence_that_fails_ends_alone_and_the_others_go_on(parts, monkeypatch):
+    """A failure that belongs to one sequence (drawing its token, detokenising it for its stop strings) finishes
+    that sequence with "error" and the reason; every other sequence in the same steps gets exactly the tokens
+    it gets without it, and no block leaks."""
+    model, tok = parts
+    engine = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4)
+    real_text = engine.text
+
+    def text(seq):
+        if seq.params.seed == 667 and seq.num_completion_tokens >= 3:  # fails mid-way, after 3 tokens
+            raise RuntimeError("injected detokenizer failure")
+        return real_text(seq)
+
+    monkeypatch.setattr(llm_module, "sample", failing_sample(llm_module.sample, seed=666))
+    monkeypatch.setattr(engine, "text", text)
+    good = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+            SamplingParams(temperature=0.9, seed=5, max_tokens=10, ignore_eos=True)]
+    bad = [SamplingParams(temperature=0.9, seed=666, max_tokens=10, ignore_eos=True),
+           SamplingParams(temperature=0.9, seed=667, max_tokens=10, ignore_eos=True, stop=["\x00never"])]
+    seqs = [engine.add(p, params, str(i)) for i, (p, params) in enumerate(zip(PROMPTS, good + bad))]
+    while engine.scheduler.has_unfinished():
+        engine.step()
+    assert [s.finish_reason for s in seqs] == ["length", "length", "error", "error"]
+    assert seqs[2].num_completion_tokens == 0 and "injected sampling failure" in seqs[2].error
+    assert seqs[3].num_completion_tokens == 3 and "injected detokenizer failure" in seqs[3].error
+    assert engine.blocks.num_free_blocks == len(engine.blocks.blocks)
+
+    alone = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4)
+    solo = [alone.add(p, params, str(i)) for i, (p, params) in enumerate(zip(PROMPTS, good))]
+    while alone.scheduler.has_unfinished():
+        alone.step()
+    assert [s.completion_token_ids for s in seqs[:2]] == [s.completion_token_ids for s in solo]
 
 
 def test_seeded_sampling_does_not_depend_on_memory_pressure(parts):

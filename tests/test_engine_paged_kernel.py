@@ -1,5 +1,6 @@
 """The static decode step attending through the Triton paged kernel (run by the Triton interpreter on a
-CPU) gives exactly the general engine's greedy tokens. Triton reads TRITON_INTERPRET when the kernels are
+CPU) gives exactly the general engine's greedy tokens, plain and speculative (two queries per row in the
+verify step, and the MTP drafting step: the same drafts). Triton reads TRITON_INTERPRET when the kernels are
 first defined, so the comparison runs in a child process started with it: this file is also that script."""
 
 import json
@@ -23,6 +24,7 @@ def test_static_decode_through_the_paged_kernel_equals_the_engine():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kernel_calls"] > 0
     assert result["paged"] == result["general"]
+    assert result["spec_paged"] == result["spec_general"]
 
 
 def _child() -> None:
@@ -37,7 +39,7 @@ def _child() -> None:
     from tests.conftest import v3_config
 
     torch.set_num_threads(2)
-    model = build_model(v3_config(num_nextn_predict_layers=0, rope_scaling=None), seed=1)
+    model = build_model(v3_config(num_nextn_predict_layers=1, rope_scaling=None), seed=1)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     tok = train_bpe([f"def f{i}(x): return x * {i}\n" for i in range(40)], 300)
@@ -50,14 +52,23 @@ def _child() -> None:
             engine.step()
         return [s.completion_token_ids for s in seqs]
 
+    def speculative(paged: bool):  # the tokens, and the drafts the engine verified (the MTP step's output)
+        engine = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4, max_num_seqs=4, speculative=True)
+        if paged:
+            engine.runner.decoder = StaticDecoder(model, engine.runner.cache, 4, max_blocks=12, mode="static",
+                                                  paged_kernel=True, draft_tokens=1)
+        return generate(engine), [engine.num_drafted, engine.num_accepted]
+
     general = generate(LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4, max_num_seqs=4))
+    spec_general = speculative(False)
     paged = LLMEngine(model, tok, kv_cache_bytes=1 << 20, block_size=4, max_num_seqs=4)
     paged.runner.decoder = StaticDecoder(model, paged.runner.cache, 4, max_blocks=12, mode="static",
                                          paged_kernel=True)
     calls = []
     original = kernels.paged_mla_decode  # the step imports it from deepmoe.kernels at call time: count calls
     kernels.paged_mla_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
-    print(json.dumps({"general": general, "paged": generate(paged), "kernel_calls": len(calls)}))
+    print(json.dumps({"general": general, "paged": generate(paged), "kernel_calls": len(calls),
+                      "spec_general": spec_general, "spec_paged": speculative(True)}))
 
 
 if __name__ == "__main__":

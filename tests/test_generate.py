@@ -1,8 +1,12 @@
-"""Token sampling: greedy, top-k, top-p, seeds."""
+"""The reference generator's token sampling: greedy, top-k, top-p, seeds, and the engine's parameter checks."""
 
+import pytest
 import torch
 
-from deepmoe.generate import sample_next
+from deepmoe.generate import generate, sample_next
+from deepmoe.model import build_model
+
+from .conftest import v3_config
 
 
 def test_greedy_top_k_top_p():
@@ -25,19 +29,15 @@ def test_sampling_follows_the_distribution_and_is_seeded():
     assert torch.equal(draws, again)
 
 
-def test_cli_generate_from_a_model_directory(tmp_path, capsys):
-    import deepmoe
-    from deepmoe.cli import main
-    from deepmoe.tokenizer import train_bpe
-
-    tok = train_bpe(["def foo(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n"] * 20, vocab_size=300)
-    cfg = deepmoe.ModelConfig.from_preset("tiny").replace(vocab_size=tok.vocab_size)
-    deepmoe.save_pretrained(deepmoe.build_model(cfg), tmp_path)
-    tok.save(tmp_path)
-    args = ["generate", "--model", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "8"]
-    outs = []
-    for extra in ([], [], ["--temperature", "0.9", "--seed", "3"], ["--temperature", "0.9", "--seed", "3"]):
-        assert main(args + extra) == 0
-        outs.append(capsys.readouterr().out)
-    assert all(o.startswith("def ") for o in outs)
-    assert outs[0] == outs[1] and outs[2] == outs[3]  # greedy and seeded sampling are reproducible
+def test_sampling_parameters_are_checked_as_the_engine_checks_them():
+    # a negative temperature used to be silently greedy here while LLM and the server refused it
+    logits = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sample_next(logits, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_next(logits, temperature=0.0, top_p=1.5)
+    model = build_model(v3_config(), seed=0)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):  # before any work, not at the first draw
+        generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0.5, top_k=-1)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, torch.tensor([[1, 2, 3]]), -1)

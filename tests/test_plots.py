@@ -10,7 +10,15 @@ import random
 import numpy as np
 import pytest
 
-from deepmoe.train.plots import _downsample, _share_matrix, read_metrics, write_plots
+from deepmoe.train.plots import (
+    _downsample,
+    _expert_load_figure,
+    _max_vio_figure,
+    _share_matrix,
+    layer_labels,
+    read_metrics,
+    write_plots,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_STEPS, N_VAL = 50, 3
@@ -139,3 +147,20 @@ def test_downsample_caps_columns_and_keeps_means():
     assert ds_steps[0] == steps[:k].mean() and ds_steps[-1] <= steps[-1]
     same_steps, same = _downsample(steps[:300], m[:300], max_cols=400)
     assert np.array_equal(same_steps, steps[:300]) and np.array_equal(same, m[:300])  # under the cap: as is
+
+
+def test_mtp_blocks_are_labelled_mtp_not_as_layers():
+    rng = random.Random(0)
+    # the trainer's records: main layers 0-2 (MoE from 1), then the MTP block, index 3 = num_hidden_layers
+    train = [train_record(s, rng, moe_layers=(1, 2, 3)) | {"num_hidden_layers": 3} for s in range(1, 6)]
+    assert layer_labels(train) == ["layer 1", "layer 2", "MTP"]
+    two = [r | {"moe_layers": [1, 2, 3, 4]} for r in train]
+    assert layer_labels(two) == ["layer 1", "layer 2", "MTP 1", "MTP 2"]
+    old = [{k: v for k, v in r.items() if k != "num_hidden_layers"} for r in train]
+    assert layer_labels(old) == ["layer 1", "layer 2", "layer 3"]  # a log that cannot tell: as before
+    pytest.importorskip("matplotlib")
+    labels = layer_labels(train)
+    titles = [ax.get_title() for ax in _expert_load_figure(train, labels).axes if ax.get_visible()]
+    assert titles[:3] == ["layer 1", "layer 2", "MTP"]  # (then the colorbar)
+    legend = _max_vio_figure(train, labels).axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["layer 1", "layer 2", "MTP"]

@@ -41,3 +41,18 @@ def test_top_p_of_one_drops_nothing_even_when_rounding_reaches_one():
     logits = (torch.randn(30_000, generator=torch.Generator().manual_seed(0)) * 3).expand(2, -1)
     out = filter_batch(logits, [SamplingParams(top_p=1.0), SamplingParams(top_p=0.5)])
     assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).all()
+
+
+def test_tiny_temperatures_draw_the_argmax():
+    # logits / 1e-39 overflow fp32 to inf and the softmax of inf is nan: the draw used to be token 0, not the best
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)) * 30
+    params = [SamplingParams(temperature=t, top_p=0.9) for t in (1e-39, 5e-324, 1e-37, 1e-20, 1e-6)]
+    histories = [[1, 2, 3]] * len(params)
+    tokens, logps = sample(logits, params, histories, [1] * len(params),
+                           [token_generator(0, b, "cpu") for b in range(len(params))])
+    assert tokens == logits.argmax(-1).tolist()
+    assert torch.isfinite(logps).all()
+    for b, p in enumerate(params):  # the one-row path (speculative drafting and verification) agrees
+        logp, probs = distribution(logits[b], p, histories[b], 1)
+        assert draw(logp, probs, token_generator(0, b, "cpu")) == tokens[b]
+    assert SamplingParams(temperature=1e-4).greedy is False  # small but ordinary temperatures still sample

@@ -6,125 +6,24 @@ that disconnects mid-stream gets its request aborted and its KV blocks freed."""
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-import deepmoe.engine.llm as llm_module
-from deepmoe.checkpoint import save_pretrained
-from deepmoe.engine.detokenizer import decode_stable
-from deepmoe.engine.llm import LLM, LLMEngine
-from deepmoe.model import build_model
-from deepmoe.tokenizer import train_bpe
+from deepmoe.engine.llm import LLMEngine
 
-from .conftest import naive_greedy, v3_config
+from .serving import (CONTEXT, GREEDY, KEY, NAME, assert_openai_error, assert_still_serving, completion, expected,
+                      http_client, live_server, metrics, openai, raw, start_server, wait_for)
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("fastapi")
-prom_parser = pytest.importorskip("prometheus_client.parser")
-
-from deepmoe.serve.app import build_app  # noqa: E402  (needs fastapi, skipped above without it)
+from deepmoe.serve.app import build_app  # noqa: E402  (imported after .serving, which skips without fastapi)
 from deepmoe.serve.async_engine import streamable  # noqa: E402
-
-TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(60)]
-KEY, NAME = "sk-test", "tiny-serve"
-CONTEXT = 512
-
-
-def start_server(app):
-    """uvicorn in a background thread on a socket bound here (port 0: no race for a free port)."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "the server to start")
-    return server, thread, sock.getsockname()[1]
-
-
-def wait_for(condition, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def oracle_drafts(model, propose):
-    """The engine's draft proposer, except that greedy requests draft the target model's own next token: the
-    random MTP layer's drafts are almost never kept, these always are, so steps add two tokens each."""
-    def oracle(logits, p, history, prompt_len, generator):
-        token = propose(logits, p, history, prompt_len, generator)
-        if p.greedy:
-            with torch.no_grad():
-                token = int(model(torch.tensor([history]))[0, -1].argmax())
-        return token
-    return oracle
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    cfg = v3_config(num_nextn_predict_layers=1, rope_scaling=None, max_position_embeddings=CONTEXT)
-    model = build_model(cfg, seed=1)
-    with torch.no_grad():  # a stronger head spreads the logits: no near-ties for argmax
-        model.lm_head.weight.mul_(20)
-    model.eval()
-    tok = train_bpe(TEXTS, 300)
-    model_dir = tmp_path_factory.mktemp("served")
-    save_pretrained(model, model_dir)
-    tok.save(model_dir)
-    # speculative: a step may add several tokens to a sequence, which streaming must handle
-    llm = LLM(model_dir, device="cpu", dtype=torch.float32, kv_cache_bytes=1 << 20, block_size=4, speculative=True)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(llm_module, "propose", oracle_drafts(model, llm_module.propose))
-    app = build_app(llm.engine, NAME, api_key=KEY, max_body_bytes=64 * 1024)
-    server, thread, port = start_server(app)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
-    yield dict(model=model, tok=tok, engine=llm.engine, port=port, client=client)
-    server.should_exit = True
-    thread.join(30)
-    patch.undo()
-
-
-def raw(srv, method, path, body=None, headers=None, key=KEY):
-    """(status, parsed JSON or text) of one request over a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", srv["port"], timeout=60)
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    conn.request(method, path, body=json.dumps(body).encode() if isinstance(body, dict) else body, headers=h)
-    resp = conn.getresponse()
-    data = resp.read().decode()
-    conn.close()
-    try:
-        return resp.status, json.loads(data)
-    except json.JSONDecodeError:
-        return resp.status, data
-
-
-def metrics(srv) -> dict:
-    status, text = raw(srv, "GET", "/metrics")
-    assert status == 200
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in prom_parser.text_string_to_metric_families(text) for s in fam.samples}
-
-
-def expected(srv, prompt_ids, n):
-    return decode_stable(srv["tok"], naive_greedy(srv["model"], prompt_ids, n))
-
-
-def assert_still_serving(srv):
-    out = srv["client"].completions.create(model=NAME, prompt="def f2(x):", max_tokens=3, temperature=0)
-    assert out.usage.completion_tokens >= 1 and out.choices[0].finish_reason in ("stop", "length")
-    engine = srv["engine"]
-    wait_for(lambda: engine.blocks.num_free_blocks == len(engine.blocks.blocks), "all blocks to be free")
-
-
-GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+    yield from live_server(tmp_path_factory)
 
 
 # ---- the happy paths -----------------------------------------------------------------------------
@@ -241,10 +140,26 @@ def test_concurrent_streams_match_their_solo_results(srv):
     assert solo[:8] == [expected(srv, job["prompt"], 8) for job in jobs[:8]]
 
 
+def test_tiny_temperatures_are_greedy(srv):
+    """temperature 1e-39 used to overflow logits / T to inf and sample from nan (issue 17): now it is greedy,
+    streamed and not, alongside other requests."""
+    client, prompts = srv["client"], [[5, 6, 7], [9, 10], [40, 41, 42]]
+
+    def run(prompt, temperature, stream):
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=temperature,
+                                      stream=stream, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    jobs = [(p, t, stream) for p, t in zip(prompts, (1e-39, 5e-324, 1e-30)) for stream in (False, True)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda job: run(*job), jobs))
+    assert texts == [expected(srv, p, 10) for p, _, _ in jobs]
+
+
 def test_client_disconnect_aborts_and_frees_blocks(srv):
     engine, before = srv["engine"], metrics(srv)
     conn = http.client.HTTPConnection("127.0.0.1", srv["port"], timeout=60)
-    body = dict(model=NAME, prompt="def f6(x):", max_tokens=CONTEXT, stream=True, ignore_eos=True, temperature=0)
+    body = dict(model=NAME, prompt="def f6(x):", max_tokens=CONTEXT - 32, stream=True, ignore_eos=True, temperature=0)
     conn.request("POST", "/v1/completions", json.dumps(body),
                  {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -263,25 +178,24 @@ def test_client_disconnect_aborts_and_frees_blocks(srv):
 
 
 # ---- errors --------------------------------------------------------------------------------------
-def _body(**kw):
-    return {"model": NAME, "prompt": "def f1(x):", "max_tokens": 2, **kw}
-
-
 BAD_REQUESTS = [
     (b'{"model": "tiny-serve", "prompt": "x",', 400, None),  # malformed JSON
     ({"model": NAME, "max_tokens": 2}, 400, "prompt"),  # missing field
-    (_body(max_tokens="lots"), 400, "max_tokens"),  # wrong type
-    (_body(prompt=7), 400, "prompt"),
-    (_body(model="gpt-4"), 404, "model"),
-    (_body(prompt=[5] * CONTEXT), 400, None),  # as long as the context: no room to generate
-    (_body(max_tokens=0), 400, None),
-    (_body(temperature=-1), 400, None),
-    (_body(top_p=0), 400, None),
-    (_body(top_p=1.5), 400, None),
-    (_body(n=0), 400, None),
-    (_body(echo=True), 400, None),
-    (_body(prompt=[1, 2, 10**6]), 400, "prompt"),  # a token id outside the vocabulary
+    (completion(max_tokens="lots"), 400, "max_tokens"),  # wrong type
+    (completion(prompt=7), 400, "prompt"),
+    (completion(model="gpt-4"), 404, "model"),
+    (completion(prompt=[5] * CONTEXT), 400, "prompt"),  # as long as the context: no room to generate
+    (completion(max_tokens=0), 400, None),
+    (completion(temperature=-1), 400, None),
+    (completion(top_p=0), 400, None),
+    (completion(top_p=1.5), 400, None),
+    (completion(n=0), 400, None),
+    (completion(echo=True), 400, None),
+    (completion(prompt=[1, 2, 10**6]), 400, "prompt"),  # a token id outside the vocabulary
     ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    (completion(max_tokens=2**64), 400, "max_tokens"),
+    (completion(seed=2**64), 400, "seed"),
+    (completion(prompt="\ud800"), 400, "prompt"),
 ]
 
 
@@ -290,15 +204,107 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(srv, body, 
     path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
     got, err = raw(srv, "POST", path, body)
     assert got == status, err
-    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
-    assert err["error"]["type"] == "invalid_request_error" and err["error"]["param"] == param
+    assert_openai_error(err, status, param)
     if status == 404:
         assert err["error"]["code"] == "model_not_found"
     assert_still_serving(srv)
 
 
+def chat(content="def f3(x):", role="user", **kw):
+    return {"model": NAME, "messages": [{"role": role, "content": content}], "max_tokens": 2, **kw}
+
+
+def test_lone_surrogates_are_a_400_and_the_connection_stays_open(srv):
+    """JSON can escape a lone UTF-16 surrogate, which no tokenizer can encode: a 400 naming the field, on a
+    keep-alive connection that then serves the next request (one connection throughout)."""
+    bad = [("/v1/completions", completion(prompt="def \ud800 f"), "prompt"),
+           ("/v1/completions", completion(prompt=["ok", "\udfff"]), "prompt"),
+           ("/v1/completions", completion(stop=["\ud800"]), "stop"),
+           ("/v1/chat/completions", chat("\ud800"), "messages"),
+           ("/v1/chat/completions", chat([{"type": "text", "text": "a\udbffb"}]), "messages")]
+    with http_client(srv["port"]) as http:
+        first = None
+        for path, body, param in bad:
+            r = http.post(path, content=json.dumps(body))  # json.dumps escapes the surrogate as \uXXXX
+            assert r.status_code == 400, r.text
+            assert "lone UTF-16 surrogate" in assert_openai_error(r.json(), 400, param)["message"]
+            ok = http.post("/v1/completions", content=json.dumps(completion()))
+            assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+            first = first or r.extensions["network_stream"]
+            assert r.extensions["network_stream"] is ok.extensions["network_stream"] is first
+        # a surrogate pair is valid text: an emoji goes through
+        assert http.post("/v1/completions", content=json.dumps(completion(prompt="\ud83d\ude00"))).status_code == 200
+
+
+def test_an_internal_error_is_a_500_and_the_connection_stays_open(srv, monkeypatch):
+    tok = srv["engine"].tokenizer
+    encode = tok.encode
+
+    def broken(text, *a, **kw):
+        if "crash" in text:
+            raise RuntimeError("injected tokenizer crash")
+        return encode(text, *a, **kw)
+
+    monkeypatch.setattr(tok, "encode", broken)
+    with http_client(srv["port"]) as http:
+        r = http.post("/v1/completions", content=json.dumps(completion(prompt="crash")))
+        assert r.status_code == 500 and "injected tokenizer crash" in assert_openai_error(r.json(), 500)["message"]
+        ok = http.post("/v1/completions", content=json.dumps(completion()))
+        assert ok.status_code == 200 and ok.extensions["network_stream"] is r.extensions["network_stream"]
+
+
+def test_chat_roles_are_checked_by_the_schema(srv, monkeypatch):
+    """Roles are validated even when the chat template would render any role; developer messages reach the
+    template as system messages (templates know no other name for them)."""
+    tok, client = srv["engine"].tokenizer, srv["client"]
+    monkeypatch.setattr(tok, "chat_template", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    for role in ("wizard", "System", ""):
+        status, err = raw(srv, "POST", "/v1/chat/completions", chat(role=role))
+        assert status == 400 and f"unknown role {role!r}" in assert_openai_error(err, 400, "messages")["message"]
+    roles = ["system", "developer", "user", "assistant", "tool", "user"]
+    messages = [{"role": r, "content": f"m{i}"} for i, r in enumerate(roles)]
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=2, **GREEDY)
+    rendered = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    assert out.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(rendered)))
+
+
+def test_the_bearer_scheme_is_case_insensitive(srv):
+    for header in (f"bearer {KEY}", f"BEARER {KEY}", f"bEaReR {KEY}", f"Bearer  {KEY}"):
+        assert raw(srv, "GET", "/v1/models", headers={"Authorization": header}, key=None)[0] == 200, header
+    for header in (f"Basic {KEY}", "Bearer", f"Bearer{KEY}", f"bearer {KEY.upper()}", f"Bearer {KEY}x"):
+        status, err = raw(srv, "GET", "/v1/models", headers={"Authorization": header}, key=None)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key", header
+
+
+def test_max_tokens_beyond_the_context_and_seeds_beyond_64_bits_are_400s(srv):
+    """max_tokens must fit in the context after the prompt (OpenAI's rule; not clamped); the seed is a 64-bit
+    signed integer, and the error says so."""
+    client, tok = srv["client"], srv["tok"]
+    room = CONTEXT - len(tok.encode("def f1(x):"))
+    for path, body, param in [("/v1/completions", completion(max_tokens=2**64), "max_tokens"),
+                              ("/v1/completions", completion(max_tokens=room + 1), "max_tokens"),
+                              ("/v1/chat/completions", chat(max_tokens=2**64), "max_tokens"),
+                              ("/v1/chat/completions", chat(max_completion_tokens=CONTEXT), "max_completion_tokens")]:
+        status, err = raw(srv, "POST", path, body)
+        e = assert_openai_error(err, 400, param)
+        assert status == 400 and e["code"] == "context_length_exceeded" and f"{CONTEXT} tokens" in e["message"]
+    out = client.completions.create(model=NAME, prompt="def f1(x):", max_tokens=room, **GREEDY)  # exactly fits
+    assert out.usage.completion_tokens == room and out.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="at most"):
+        client.completions.create(model=NAME, prompt="def f1(x):", max_tokens=2**64)
+
+    for seed in (2**63, -2**63 - 1, 2**64):
+        status, err = raw(srv, "POST", "/v1/completions", completion(seed=seed, temperature=1))
+        message = assert_openai_error(err, 400, "seed")["message"]
+        assert status == 400 and "[-9223372036854775808, 9223372036854775807]" in message
+    for seed in (2**63 - 1, -2**63):  # the ends of the range are seeds like any other
+        assert client.completions.create(model=NAME, prompt="x", max_tokens=2, seed=seed, temperature=1).choices
+    with pytest.raises(openai.BadRequestError, match="64-bit"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], seed=2**64)
+
+
 def test_body_limit_and_api_key(srv):
-    big = json.dumps(_body(prompt="x" * 100_000)).encode()
+    big = json.dumps(completion(prompt="x" * 100_000)).encode()
     status, err = raw(srv, "POST", "/v1/completions", big)  # refused on Content-Length
     assert status == 413 and err["error"]["code"] == "request_too_large"
     conn = http.client.HTTPConnection("127.0.0.1", srv["port"], timeout=60)  # no length: refused on bytes read
@@ -309,11 +315,11 @@ def test_body_limit_and_api_key(srv):
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
     conn.close()
 
-    status, err = raw(srv, "POST", "/v1/completions", _body(), headers={"Content-Type": "text/plain"})
+    status, err = raw(srv, "POST", "/v1/completions", completion(), headers={"Content-Type": "text/plain"})
     assert status == 400 and "Content-Type: application/json" in err["error"]["message"]
 
     for key in ("wrong", None):
-        status, err = raw(srv, "POST", "/v1/completions", _body(), key=key)
+        status, err = raw(srv, "POST", "/v1/completions", completion(), key=key)
         assert status == 401 and err["error"]["code"] == "invalid_api_key"
         assert raw(srv, "GET", "/metrics", key=key)[0] == 401
     bad_client = openai.OpenAI(base_url=srv["client"].base_url, api_key="wrong", max_retries=0)
@@ -335,7 +341,7 @@ def test_an_engine_failure_fails_its_requests_with_500_and_serving_goes_on(srv, 
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(engine, "step", broken_step)
-    status, err = raw(srv, "POST", "/v1/completions", _body())
+    status, err = raw(srv, "POST", "/v1/completions", completion())
     assert status == 500 and err["error"]["type"] == "server_error" and "injected failure" in err["error"]["message"]
     assert_still_serving(srv)
 

@@ -217,6 +217,7 @@ def test_usage_errors(base, tmp_path, capsys):
     assert "unknown task 'algebra'; available: arithmetic, countdown" in capsys.readouterr().err
     assert main(["sft", "--model", str(base), "--task", TASK, "--out", str(tmp_path / "x"), "--seq-len", "999"]) == 2
     assert "exceeds the model's max_position_embeddings (256)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["sft", "--on-bad-line", "ignore"])
+    assert main(["sft", "--on-bad-line", "ignore"]) == 2  # refused while parsing, in one line
     assert "invalid choice: 'ignore'" in capsys.readouterr().err
+    assert main(["sft", str(tmp_path / "missing"), "--task", TASK, "--out", str(tmp_path / "x")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -1,9 +1,12 @@
 """End to end `deepmoe train` on a micro model and corpus: outputs, resume bit-identity (in process, after a
-SIGKILL mid-step and after a SIGKILL mid-checkpoint), NaN skipping, eval and generate on the result."""
+SIGKILL mid-step, mid-checkpoint and mid-final), NaN skipping, recovering from a divergence, eval and generate
+on the result."""
 
 import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -72,6 +75,7 @@ def test_run_outputs(setup):
     assert all(r["mtp_loss"] is not None and r["aux_loss"] > 0 and not r["skipped"] for r in train)
     first = train[0]
     assert first["moe_layers"] == [1, 2, 3]  # two main MoE layers, then the MTP block (layer 3)
+    assert first["num_hidden_layers"] == 3  # so readers (the plots) can tell the MTP block from a layer
     assert len(first["expert_share"]) == 3 and all(len(s) == 16 for s in first["expert_share"])
     assert all(v >= 0 for v in first["max_vio"]) and len(first["dead_experts"]) == 3
     assert train[0]["lr"] == pytest.approx(1e-3) and train[-1]["lr"] == pytest.approx(3e-3 * 0.316 ** 2)
@@ -85,6 +89,9 @@ def test_run_outputs(setup):
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["val_loss"] == val[-1]["val_loss"]
     assert summary["sample"].startswith("def ")
+    # wall time counts data, validation, checkpoints and final/ too; step time only the optimizer steps
+    assert summary["wall_time_s"] > summary["step_time_s"] > 0
+    assert summary["step_time_s"] == round(train[-1]["elapsed_s"], 1)
     model = load_pretrained(ref / "final", dtype=torch.float32)
     assert len(model.mtp) == 1
     biases = [b for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")]
@@ -124,19 +131,29 @@ KILLER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self)
         loop.Trainer.train_step = train_step
-    else:  # SIGKILL halfway through writing a checkpoint: model files written, trainer state not yet
+    elif mode == "checkpoint":  # SIGKILL halfway through writing a checkpoint: model files written, trainer state not yet
         original = state.save_file
         def save_file(tensors, path, *a, **kw):
             if f"step-{kill_step:07d}" in str(path):
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(tensors, path, *a, **kw)
         state.save_file = save_file
+    else:  # SIGKILL once final/ is written but before it is moved into place (the final validation is logged)
+        original = loop.write_model_dir
+        def write_model_dir(path, *a, **kw):
+            original(path, *a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+        loop.write_model_dir = write_model_dir
     sys.exit(main(sys.argv[3:]))
 """)
 
 
-@pytest.mark.parametrize("mode,kill_step,resumes_from", [("step", 6, 4), ("checkpoint", 8, 4)])
-def test_resume_after_sigkill_is_bit_identical(setup, mode, kill_step, resumes_from):
+def hidden(run):
+    return sorted(str(p.relative_to(run)) for p in [*run.glob(".*"), *run.glob("checkpoints/.*")])
+
+
+@pytest.mark.parametrize("mode,kill_step,resumes_from", [("step", 6, 4), ("checkpoint", 8, 4), ("final", 12, 12)])
+def test_resume_after_sigkill_is_bit_identical(setup, mode, kill_step, resumes_from, caplog):
     root, args, ref = setup
     out = root / f"killed-{mode}"
     script = root / "killer.py"
@@ -145,19 +162,30 @@ def test_resume_after_sigkill_is_bit_identical(setup, mode, kill_step, resumes_f
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in list_checkpoints(out)][-1] == f"step-{resumes_from:07d}"
+    left = hidden(out)
     if mode == "checkpoint":  # the half-written checkpoint exists only as a hidden temp directory
-        partial = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-0000008")]
-        assert partial and not (out / "checkpoints" / "step-0000008").exists()
-    assert main(["train", *args, "--out", str(out), "--resume"]) == 0
-    assert_same_run(ref, out)
+        assert [p for p in left if p.startswith("checkpoints/.step-0000008.")] and len(left) == 1
+        assert not (out / "checkpoints" / "step-0000008").exists()
+    if mode == "final":  # final/ too; and the final validation was logged before the kill
+        assert [p for p in left if p.startswith(".final.")] and len(left) == 1
+        assert not (out / "final").exists()
+        last = read_metrics(out)[-1]
+        assert (last["kind"], last["step"], last["full"]) == ("val", 12, True)
+    with caplog.at_level(logging.INFO, logger="deepmoe"):
+        assert main(["train", *args, "--out", str(out), "--resume"]) == 0
+    assert_same_run(ref, out)  # the final validation is logged once, as in the run that was never killed
+    assert hidden(out) == []  # what the killed save left is gone, and said so
+    if left:
+        assert f"removed what {len(left)} interrupted save(s) left in {out}" in caplog.text
+        assert all(p in caplog.text for p in left)
 
 
 def test_refuses_to_overwrite_or_change_a_run(setup, capsys):
     root, args, ref = setup
     assert main(["train", *args, "--out", str(ref)]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["train", *args, "--out", str(ref), "--resume", "--lr", "1e-2"]) == 2
-    assert "--lr" in capsys.readouterr().err
+    assert main(["train", *args, "--out", str(ref), "--resume", "--seq-len", "16"]) == 2
+    assert "would change its data, model or objective: --seq-len" in capsys.readouterr().err
     assert main(["train", *args, "--out", str(root / "nothing-here"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["train", *args, "--out", str(ref), "--resume"]) == 0  # complete: nothing to do
@@ -212,6 +240,82 @@ def test_persistent_non_finite_stops_the_run(setup, monkeypatch):
     with pytest.raises(loop.TrainingError, match="non-finite for 3 steps in a row"):
         trainer.train_step()
     trainer.metrics.close()
+
+
+def test_divergence_names_the_checkpoint_before_it_and_a_resume_may_lower_the_lr(setup, capsys):
+    root, args, _ = setup
+    out = root / "diverged"
+    short = [a if a != str(STEPS) else "4" for a in args]
+    assert main(["train", *short, "--out", str(out)]) == 0
+    # longer, at a learning rate that wrecks the weights in one update: step 5 measures step-4's weights and
+    # updates them; from step 6 on the gradients are zero, then NaN. A checkpoint every step, of which only
+    # two are kept, so that both the exploded ones and the pruning of the good one are put to the test.
+    blow_up = ["--steps", str(STEPS), "--lr", "1e6", "--max-bad-steps", "3", "--checkpoint-every", "1"]
+    assert main(["train", "--out", str(out), "--resume", *blow_up]) == 2
+    err = capsys.readouterr().err
+    good = out / "checkpoints" / "step-0000004"
+    assert "The run blew up at step 6 (" in err and f"The last checkpoint from before it is {good}." in err
+    assert f"deepmoe train --out {out} --resume step-0000004 --lr 100000" in err
+    saved = [p.name for p in list_checkpoints(out)]
+    assert saved[0] == "step-0000004" and len(saved) == 3  # kept beside the two newest, which hold the blow-up
+    assert main(["train", "--out", str(out), "--resume", "step-0000004", "--lr", "1e-3", "--checkpoint-every", "4"]) == 0
+    records = read_metrics(out)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))  # the diverged steps are gone from the log
+    assert all(not r["skipped"] and r["lr"] <= 1e-3 for r in train[4:]) and train[-1]["ce"] < train[3]["ce"]
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000008", "step-0000012"]
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # both changes, in the run's config and in the log, with the step they took over from
+    history = TrainConfig.from_json(out / "train_config.json").history
+    assert [(h["step"], h["changes"]["lr"]) for h in history] == [
+        (4, {"from": 3e-3, "to": 1e6}), (4, {"from": 1e6, "to": 1e-3})]
+    assert history[0]["changes"]["steps"] == {"from": 4, "to": STEPS}
+    assert [(r["step"], r["changes"]) for r in records if r["kind"] == "config"] == [
+        (h["step"], h["changes"]) for h in history]
+    assert TrainConfig.from_json(out / "final" / "train_config.json").history == history
+    assert main(["train", "--out", str(out), "--resume", "step-0000003"]) == 2
+    assert "is not a complete checkpoint of the run" in capsys.readouterr().err
+
+
+def test_resuming_a_copied_finished_run_names_the_copy(setup, capsys):
+    root, args, ref = setup
+    copy = root / "copied"
+    shutil.copytree(ref, copy)
+    capsys.readouterr()
+    assert main(["train", "--out", str(copy), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"model     {copy / 'final'}\n" in out and str(ref) not in out
+    summary = json.loads((ref / "summary.json").read_text())
+    assert f"in {summary['wall_time_s']:.0f}s wall ({summary['step_time_s']:.0f}s in steps, " in out
+
+
+def test_the_progress_bar_closes_before_the_last_checkpoint_and_final_validation(setup, monkeypatch):
+    """Closing draws the bar with its overall rate: anything after the last step would inflate s/step."""
+    import tqdm.auto
+
+    root, args, _ = setup
+    events = []
+
+    class Bar(tqdm.auto.tqdm):
+        def update(self, n=1):
+            events.append("step")
+            return super().update(n)
+
+        def close(self):
+            if not getattr(self, "disable", True):  # the first close draws; later ones do nothing
+                events.append("close")
+            return super().close()
+
+    save, validate = loop.Trainer.save, loop.Trainer.log_validation
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(loop.Trainer, "save", lambda self: events.append("save") or save(self))
+    monkeypatch.setattr(loop.Trainer, "log_validation",
+                        lambda self, full=False: events.append("full validation" if full else "validation")
+                        or validate(self, full))
+    short = [a if a != str(STEPS) else "6" for a in args if a != "--no-progress"]
+    assert main(["train", *short, "--progress", "--out", str(root / "bar")]) == 0
+    assert events == ["step"] * 4 + ["validation", "save"] + ["step"] * 2 + ["close", "save", "full validation"]
 
 
 def test_eval_and_generate_on_the_result(setup, capsys):

@@ -4,7 +4,8 @@ Byte-level BPE tokens can end inside a UTF-8 character, which decodes to U+FFFD 
 completes it. `decode_stable` drops such a trailing character. `IncrementalDetokenizer` keeps a
 sequence's text as it grows and decodes only the tokens since the last complete character, with the
 tokens before them as context (so decoders that treat a leading space specially decode the same).
-Decoding everything every step would cost O(length²) over a long completion.
+Decoding everything every step would cost O(length²) over a long completion. `streamable` is the part
+of a growing text that can be shown already: stop strings the next tokens may complete are held back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,23 @@ def first_stop(text: str, stops: list[str]) -> int | None:
     """Where the earliest of the stop strings starts in text, if any occurs."""
     hits = [i for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits) if hits else None
+
+
+def streamable(text: str, stops: list[str]) -> str:
+    """The longest prefix of text that can be sent while it is still growing: it ends before any stop
+    string, and any tail that is a proper prefix of a stop string is held back (the next tokens may
+    complete it)."""
+    stops = [s for s in stops if s]
+    cut = first_stop(text, stops)
+    if cut is not None:
+        return text[:cut]
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return text[:len(text) - held]
 
 
 class IncrementalDetokenizer:

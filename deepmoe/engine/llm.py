@@ -1,4 +1,5 @@
-"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`, or `.stream(prompt, ...)` for the
+text as it is made.
 
 `LLMEngine.step()` is the whole engine loop: schedule → run the model → sample (or verify drafts) →
 draft the next tokens with the MTP layer (when speculative) → postprocess (stop rules, detokenize, stop
@@ -6,11 +7,19 @@ strings). The cache is sized from a memory budget; everything is exact: greedy o
 full-recompute greedy loop token for token, with or without speculation, and a seeded request samples the
 same tokens whatever it is batched with, however often it is preempted, with or without speculation
 (tested).
+
+A failure that belongs to one sequence (drawing, verifying or drafting its tokens with its own parameters,
+detokenising it for its stop strings) finishes only that sequence, with finish_reason "error" and the reason
+in `seq.error`; the rest of the batch goes on as if it had not been there. A failure of the whole batch (the
+model's forward) still propagates: the engine's state is then unknown.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -18,13 +27,15 @@ import torch
 from ..checkpoint import load_pretrained
 from ..tokenizer import Tokenizer, load_tokenizer
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer, decode_stable, first_stop
+from .detokenizer import IncrementalDetokenizer, decode_stable, first_stop, streamable
 from .kv_cache import budget_bytes, bytes_per_block
 from .model_runner import ModelRunner, activation_peak
 from .sampler import sample, token_generator
 from .scheduler import Scheduled, Scheduler
 from .sequence import SamplingParams, Sequence
 from .speculative import propose, verify
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,36 +142,76 @@ class LLMEngine:
         return seq
 
     def step(self) -> list[Sequence]:
-        """One engine iteration; returns the sequences that finished in it."""
+        """One engine iteration; returns the sequences that finished in it (those that failed alone too)."""
         plan = self.scheduler.schedule()
         hidden = self.runner.run(plan)
+        failed: dict[int, Sequence] = {}
         sampling = [item for item in plan if item.samples]
         new_tokens: dict[int, list[int]] = {}
         if sampling:  # logits only where a token is chosen: the last pending token and each draft
             rows = [hidden[item.seq.seq_id][-1 - item.num_draft:] for item in sampling]
             logits = self.runner.logits(torch.cat(rows)).split([len(r) for r in rows])
-            plain = [(item, lg[0]) for item, lg in zip(sampling, logits) if not item.num_draft]
-            if plain:  # one batched call: a single device→host copy of the greedy tokens
-                seqs = [item.seq for item, _ in plain]
-                tokens, logps = sample(torch.stack([lg for _, lg in plain]), [s.params for s in seqs],
-                                       [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
-                                       [self._generator(s, len(s)) for s in seqs])
-                for s, tok, lp in zip(seqs, tokens, logps):
-                    new_tokens[s.seq_id] = self._record(s, [tok], [lp])
+            plain = [(item.seq, lg[0]) for item, lg in zip(sampling, logits) if not item.num_draft]
+            if plain:
+                new_tokens.update(self._sample(plain, failed))
             for item, lg in zip(sampling, logits):
                 if item.num_draft:
-                    new_tokens[item.seq.seq_id] = self._verify(item, lg)
-        drafts = self._draft(plan, hidden, new_tokens) if self.speculative else {}
+                    with self._alone(item.seq, failed):
+                        new_tokens[item.seq.seq_id] = self._verify(item, lg)
+        plan = [item for item in plan if item.seq.seq_id not in failed]  # a failed sequence drafts nothing
+        drafts = self._draft(plan, hidden, new_tokens, failed) if self.speculative else {}
+        plan = [item for item in plan if item.seq.seq_id not in failed]
         finished = self.scheduler.postprocess(plan, new_tokens, self.tokenizer.eos_id)
-        for item in sampling:  # stop strings: end the sequence and cut the text at the first match
+        for item in plan:  # stop strings: end the sequence and cut the text at the first match
             s = item.seq
-            if not s.is_finished and s.params.stop and first_stop(self.text(s), s.params.stop) is not None:
-                self.scheduler.finish(s, "stop")
-                finished.append(s)
+            if item.samples and not s.is_finished and s.params.stop:
+                with self._alone(s, failed):
+                    if first_stop(self.text(s), s.params.stop) is not None:
+                        self.scheduler.finish(s, "stop")
+                        finished.append(s)
         for seq, token in drafts.values():
             if not seq.is_finished and seq.num_cached_tokens == len(seq) - 1:  # still decoding, not preempted
                 seq.draft_token_ids = [token]
+        for seq in failed.values():
+            self.scheduler.finish(seq, "error")
+            finished.append(seq)
         return finished
+
+    @contextmanager
+    def _alone(self, seq: Sequence, failed: dict[int, Sequence]) -> Iterator[None]:
+        """Run a piece of work that concerns seq alone: an exception in it fails seq, not the step."""
+        try:
+            yield
+        except Exception as e:
+            log.exception("sequence %d (request %s) failed; ending it alone", seq.seq_id, seq.request_id)
+            seq.error = f"{type(e).__name__}: {e}"
+            failed[seq.seq_id] = seq
+
+    def _sample(self, rows: list[tuple[Sequence, torch.Tensor]], failed: dict[int, Sequence]
+                ) -> dict[int, list[int]]:
+        """The new token of each sequence without drafts, from its logits (V,), in one batched call (a single
+        device→host copy). When the batch fails, each row is drawn alone, so only a row that fails by itself
+        loses its sequence: rows are independent (each draws with its own position's generator), so the
+        tokens are the same either way."""
+        def draw(part: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[Sequence, int, torch.Tensor]]:
+            seqs = [s for s, _ in part]
+            tokens, logps = sample(torch.stack([lg for _, lg in part]), [s.params for s in seqs],
+                                   [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
+                                   [self._generator(s, len(s)) for s in seqs])
+            return list(zip(seqs, tokens, logps))
+
+        try:
+            drawn = draw(rows)
+        except Exception:
+            drawn = []
+            for row in rows:
+                with self._alone(row[0], failed):
+                    drawn += draw([row])
+        out = {}
+        for s, tok, lp in drawn:
+            with self._alone(s, failed):
+                out[s.seq_id] = self._record(s, [tok], [lp])
+        return out
 
     def _generator(self, seq: Sequence, position: int) -> torch.Generator | None:
         """The generator for seq's token at `position` (None when greedy: nothing is drawn)."""
@@ -186,8 +237,8 @@ class LLMEngine:
                 self.logprobs[seq.seq_id].append({t: float(lp[t]) for t in [tok, *top]})
         return tokens
 
-    def _draft(self, plan: list[Scheduled], hidden: dict[int, torch.Tensor], new_tokens: dict[int, list[int]]
-               ) -> dict[int, tuple[Sequence, int]]:
+    def _draft(self, plan: list[Scheduled], hidden: dict[int, torch.Tensor], new_tokens: dict[int, list[int]],
+               failed: dict[int, Sequence]) -> dict[int, tuple[Sequence, int]]:
         """Run MTP depth 1 over every position that became final this step (its next token is now known),
         keeping the MTP cache complete, and propose one draft token for each sequence that sampled."""
         seqs, starts, next_ids, h = [], [], [], []
@@ -205,9 +256,10 @@ class LLMEngine:
         if sampling:
             logits = self.runner.draft_logits(torch.stack([mh for _, mh in sampling]))
             for (s, _), lg in zip(sampling, logits):
-                history = s.token_ids + new_tokens[s.seq_id]
-                token = propose(lg, s.params, history, s.num_prompt_tokens, self._generator(s, len(history)))
-                out[s.seq_id] = (s, token)
+                with self._alone(s, failed):
+                    history = s.token_ids + new_tokens[s.seq_id]
+                    token = propose(lg, s.params, history, s.num_prompt_tokens, self._generator(s, len(history)))
+                    out[s.seq_id] = (s, token)
         return out
 
     def text(self, seq: Sequence) -> str:
@@ -221,7 +273,8 @@ class LLMEngine:
         self._forget(seq)
 
     def output(self, seq: Sequence, index: int) -> CompletionOutput:
-        """The finished sequence's result: eos stripped, the text cut at the first stop string."""
+        """The finished sequence's result: eos stripped, the text cut at the first stop string (a sequence that
+        failed has finish_reason "error" and the reason in seq.error)."""
         ids = seq.completion_token_ids
         if ids and seq.finish_reason == "stop" and ids[-1] == self.tokenizer.eos_id:
             ids = ids[:-1]  # eos is how it stopped, not part of the text
@@ -239,12 +292,20 @@ class LLMEngine:
 
 
 class LLM:
+    """adapter: a LoRA adapter directory (peft layout) to serve on top of model_dir; it is merged into the
+    weights at load (see deepmoe.lora), so decoding runs every fast path at the base model's speed."""
+
     def __init__(self, model_dir: str | os.PathLike, device: str | None = None, dtype: torch.dtype | None = None,
                  kv_cache_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, speculative: bool = False, memory_fraction: float = 0.9,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, adapter: str | os.PathLike | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(model_dir, device=device, dtype=dtype, load_mtp=speculative)
+        if adapter is not None:
+            from ..lora import load_adapter, merge_lora
+
+            load_adapter(model, adapter)
+            merge_lora(model)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = LLMEngine(model, self.tokenizer, kv_cache_bytes, block_size, max_num_seqs,
                                 max_num_batched_tokens, speculative, memory_fraction, cuda_graphs)
@@ -264,8 +325,43 @@ class LLM:
             self.engine.step()
         for req, group in zip(requests, seqs):
             req.outputs = [self.engine.output(seq, k) for k, seq in group]
+        failed = [f"prompt {i} (sample {k}): {seq.error}" for i, group in enumerate(seqs) for k, seq in group
+                  if seq.finish_reason == "error"]
+        if failed:  # an output with a silent gap is worse than none: name what failed
+            raise RuntimeError("generation failed for " + "; ".join(failed))
         return requests
 
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """One completion of one prompt as pieces of text, each yielded as soon as the engine has made it
+        final (never half a character, never text a stop string may still cut). The pieces join to the
+        `text` that `generate` returns for the same prompt and parameters. Stopping the iteration early
+        (break, Ctrl-C) cancels the request and frees its cache blocks."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"stream makes one completion; n must be 1, got {params.n}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        seq = self.engine.add(ids, params, "stream")
+        sent = ""
+        try:
+            while not seq.is_finished:
+                self.engine.step()
+                if not seq.is_finished:
+                    text = streamable(self.engine.text(seq), seq.params.stop)
+                    if len(text) > len(sent):
+                        piece, sent = text[len(sent):], text
+                        yield piece
+            if seq.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {seq.error}")
+            rest = self.engine.output(seq, 0).text[len(sent):]  # sent is a prefix: nothing shown is taken back
+            if rest:
+                yield rest
+        finally:
+            if not seq.is_finished:
+                self.engine.abort(seq)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The token ids of messages rendered with the tokenizer's chat template, ready for the reply."""
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(self.tokenizer.encode(prompt), params)[0]
+        return self.generate(self.chat_prompt(messages), params)[0]

@@ -78,9 +78,10 @@ def cpu_decode_layout(model: DeepSeekModel) -> None:
 
 
 class ModelRunner:
-    """decode_mode: how steps made only of one-token decodes run. None: the general padded path (CPU's
-    fastest); "graphs", "compiled", "static": the static-shape step of decode_step.py, replayed as CUDA
-    graphs, compiled whole, or eager. max_num_seqs and max_model_len size its buffers."""
+    """decode_mode: how steps made only of decodes (one pending token each, plus its drafts) run, and the
+    MTP drafting that follows them. None: the general padded path (CPU's fastest); "graphs", "compiled",
+    "static": the static-shape steps of decode_step.py, replayed as CUDA graphs, compiled whole, or eager.
+    max_num_seqs and max_model_len size their buffers."""
 
     def __init__(self, model: DeepSeekModel, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
                  draft_layers: int = 0, decode_mode: str | None = None, max_num_seqs: int = 64,
@@ -96,17 +97,23 @@ class ModelRunner:
         if decode_mode is not None:
             max_len = max_model_len or model.config.max_position_embeddings
             max_blocks = min(num_blocks, -(-max_len // block_size))
-            self.decoder = StaticDecoder(model, self.cache, max_num_seqs, max_blocks, decode_mode)
+            self.decoder = StaticDecoder(model, self.cache, max_num_seqs, max_blocks, decode_mode,
+                                         draft_tokens=draft_layers)
+        self.static_rows: list[int] | None = None  # the sequences of the last static step, in row order
 
     @torch.inference_mode()
     def run(self, plan: list[Scheduled]) -> dict[int, torch.Tensor]:
         """seq_id → final normed hidden states (num_tokens, d) of the tokens computed for it this step
         (its pending tokens, then its draft tokens)."""
         seqs = [item.seq for item in plan]
-        if self.decoder is not None and all(item.num_tokens == 1 and not item.num_draft for item in plan):
-            hidden = self.decoder.run([s.token_ids[s.num_cached_tokens] for s in seqs],
-                                      [s.num_cached_tokens for s in seqs], [s.block_table for s in seqs])
-            return {s.seq_id: hidden[i:i + 1] for i, s in enumerate(seqs)}
+        self.static_rows = None
+        if (self.decoder is not None and all(item.num_tokens - item.num_draft == 1 for item in plan)
+                and self.decoder.fits(len(plan), [item.num_tokens for item in plan])):
+            tokens = [s.token_ids[s.num_cached_tokens:s.num_cached_tokens + 1] + s.draft_token_ids[:item.num_draft]
+                      for s, item in zip(seqs, plan)]
+            hidden = self.decoder.run(tokens, [s.num_cached_tokens for s in seqs], [s.block_table for s in seqs])
+            self.static_rows = [s.seq_id for s in seqs]
+            return {s.seq_id: hidden[i, :item.num_tokens] for i, (s, item) in enumerate(zip(seqs, plan))}
         tokens = []
         for item in plan:
             s, n = item.seq, item.num_tokens - item.num_draft
@@ -122,7 +129,12 @@ class ModelRunner:
     def draft(self, seqs: list[Sequence], starts: list[int], next_ids: list[list[int]],
               hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """MTP depth 1 over positions starts[b] .. of each sequence, given the main model's hidden states
-        there (n, d) and the token after each position → MTP hidden states (n, d); writes the MTP cache."""
+        there (n, d) and the token after each position → MTP hidden states (n, d); writes the MTP cache.
+        After a static step over the same sequences, the static drafting step reads that step's output."""
+        if self.static_rows is not None and self.static_rows == [s.seq_id for s in seqs]:
+            self.static_rows = None
+            out = self.decoder.draft(next_ids, starts, [s.block_table for s in seqs])
+            return [out[i, :len(ids)] for i, ids in enumerate(next_ids)]
         def forward(ids, batch, start, rows):
             h = torch.zeros(*ids.shape, hidden[0].shape[-1], dtype=hidden[0].dtype, device=self.device)
             for j, i in enumerate(rows):

@@ -1,7 +1,7 @@
 """Next-token sampling for a batch of requests, each with its own parameters: pure tensor functions.
 
 Order of operations (as in vLLM/transformers): penalties on the raw logits, then temperature, then the
-top-k / top-p / min-p filters, then one draw. Temperature 0 is greedy. Each draw uses noise of its own,
+top-k / top-p / min-p filters, then one draw. Temperature 0 (or below `GREEDY_BELOW`) is greedy. Each draw uses noise of its own,
 from a generator seeded by the request's seed and the token's position: a seeded request draws the same
 tokens whatever it is batched with, however often it is preempted and recomputed, and whether or not
 speculative drafts were verified for it (a draft drawn with its position's noise is the token the target
@@ -42,8 +42,8 @@ def filter_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     (no per-row loop, no host read). A row without a filter passes that stage unchanged, so a row gets the
     same values here as alone."""
     dev = logits.device
-    # greedy rows (temperature 0) are filtered at temperature 1: their draw is never used
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+    # greedy rows are filtered at temperature 1: their draw is never used, and a tiny temperature would overflow
+    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)[:, None]
     logits = logits / temperature
     if any(p.top_k > 0 for p in params):
         V = logits.shape[-1]

@@ -13,10 +13,15 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+# Below this temperature a draw is the argmax (as in vLLM): logits / T overflows fp32 once |logit| / T passes
+# 3.4e38 (T = 1e-37 for a logit of 30) and the softmax turns the inf into nan; long before that the draw is
+# already the argmax but for exact ties (a gap of 1e-4 between the two best logits is 10 nats at T = 1e-5).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0
@@ -58,7 +63,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class Status(enum.Enum):
@@ -83,7 +88,8 @@ class Sequence:
         self.num_cached_tokens = 0
         self.draft_token_ids: list[int] = []
         self.status = Status.WAITING
-        self.finish_reason: str | None = None  # "stop" or "length" once finished, "abort" if cancelled
+        self.finish_reason: str | None = None  # "stop" or "length" once finished, "abort" if cancelled, "error"
+        self.error: str | None = None  # why it failed, when finish_reason is "error"
 
     def __len__(self) -> int:
         return len(self.token_ids)

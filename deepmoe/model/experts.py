@@ -4,9 +4,15 @@ Token copies are sorted by expert id on device, then each projection is one grou
 (`torch._grouped_mm`) over the contiguous per-expert row blocks: no Python loop over experts and
 no host synchronisation. Where grouped GEMM is unavailable, a padded batched matmul does the same
 work (that fallback reads the largest group size, which syncs once per call).
+
+Every formulation also takes an optional per-expert low-rank update of each stacked weight (`LowRank`,
+what a LoRA adapter from deepmoe.lora supplies): it runs as two thin products over the same sorted
+rows, x·Aᵀ then ·Bᵀ, so W + B·A is never formed.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +21,27 @@ from torch import nn
 from ..config import ModelConfig
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+class LowRank(NamedTuple):
+    """A low-rank update of a stacked weight W (G, out, in): expert g computes x·(W[g] + scale·b[g]·a[g])ᵀ."""
+    a: torch.Tensor  # (G, r, in)
+    b: torch.Tensor  # (G, out, r)
+    scale: float
+
+    def to(self, dtype: torch.dtype) -> LowRank:
+        return LowRank(self.a.to(dtype), self.b.to(dtype), self.scale)
+
+
+Updates = tuple[LowRank | None, LowRank | None, LowRank | None]  # for gate_proj, up_proj, down_proj
+NO_UPDATES: Updates = (None, None, None)
+
+
+def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False  # the op's meta (tracing) kernel accepts only bf16, though CPU eager runs fp32 too
+    if not all(_aligned(t) for t in (x, *ws)) or any(w.shape[-2] * w.element_size() % 16 for w in ws):
+        return False  # the output's rows, which backward reads, must be aligned too
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
@@ -27,13 +49,31 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return False
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x (M, in), sorted by group, times their group's w[g] (G, out, in)ᵀ → (M, out)."""
+def _aligned(t: torch.Tensor) -> bool:
+    """The grouped GEMM kernels (CPU and CUDA) read 16-byte aligned rows: a LoRA rank of 3 in fp32, or of 4
+    in bf16, is too narrow for them."""
+    if any(s * t.element_size() % 16 for s, n in zip(t.stride(), t.shape) if s != 1 and n != 1):
+        return False
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0  # a traced tensor has no address yet
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, update: LowRank | None = None
+               ) -> torch.Tensor:
+    """Rows of x (M, in), sorted by group, times their group's w[g] (G, out, in)ᵀ → (M, out); with an
+    update, plus scale·(x·a[g]ᵀ)·b[g]ᵀ: two more grouped passes of width r, through the same dispatch."""
+    y = _grouped_mm_dispatch(x, w, counts)
+    if update is None:
+        return y
+    t = grouped_mm(x.to(update.a.dtype), update.a, counts)  # (M, r)
+    return y + (update.scale * grouped_mm(t, update.b, counts)).to(y.dtype)
+
+
+def _grouped_mm_dispatch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     differentiable = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if (x.device.type == "cpu" and x.shape[0] <= w.shape[0] and not differentiable
             and not torch.compiler.is_compiling()):  # mm(out=...) has no autograd: inference only
         return _active_groups_mm(x, w, counts)
-    if _grouped_mm_ok(x):
+    if _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _padded_grouped_mm(x, w, counts)
@@ -85,7 +125,7 @@ def drop_over_capacity(flat: torch.Tensor, weights: torch.Tensor, capacity: int,
 
 
 def sync_free_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_w: torch.Tensor,
-                      up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+                      up_w: torch.Tensor, down_w: torch.Tensor, updates: Updates = NO_UPDATES) -> torch.Tensor:
     """Σ_j weights[:, j] · expert_{indices[:, j]}(x) for x (N, d), with static shapes and no host read, so
     a decode step can be compiled whole or captured in a CUDA graph. Per-expert counts stay on the device:
     - CUDA with grouped GEMM: copies sorted by expert, offsets from a scatter-add count (not bincount,
@@ -93,31 +133,54 @@ def sync_free_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
     - fewer copies than experts (small decode batches): gather just the chosen experts' weights and run
       one batched matrix-vector product per copy, reading k experts per token and nothing else;
     - otherwise every expert runs on every token and the routing weights (zero where not chosen) mask
-      the combine: decode is memory-bound, and this reads each expert once, as any batched step must."""
+      the combine: decode is memory-bound, and this reads each expert once, as any batched step must.
+    updates: low-rank updates of (gate, up, down), computed in x's dtype as autocast would."""
     N, k = indices.shape
     E = gate_w.shape[0]
     flat, w = indices.reshape(-1), weights.reshape(-1).float()
-    if x.device.type == "cuda" and _grouped_mm_ok(x):
+    updates = tuple(None if u is None else u.to(x.dtype) for u in updates)
+    factors = [t for u in updates if u is not None for t in (u.a, u.b)]
+    if x.device.type == "cuda" and _grouped_mm_ok(x, gate_w, up_w, down_w, *factors):
         order = flat.argsort(stable=True)
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+        def mm(xs: torch.Tensor, wt: torch.Tensor, u: LowRank | None) -> torch.Tensor:
+            y = torch._grouped_mm(xs, wt.transpose(-2, -1), offs=offs)
+            if u is not None:
+                t = torch._grouped_mm(xs, u.a.transpose(-2, -1), offs=offs)
+                y = y + u.scale * torch._grouped_mm(t, u.b.transpose(-2, -1), offs=offs)
+            return y
+
         xs = x.index_select(0, order // k)
-        h = F.silu(torch._grouped_mm(xs, gate_w.transpose(-2, -1), offs=offs)) * torch._grouped_mm(
-            xs, up_w.transpose(-2, -1), offs=offs)
-        ys = torch._grouped_mm(h, down_w.transpose(-2, -1), offs=offs).float() * w[order].unsqueeze(-1)
+        h = F.silu(mm(xs, gate_w, updates[0])) * mm(xs, up_w, updates[1])
+        ys = mm(h, down_w, updates[2]).float() * w[order].unsqueeze(-1)
         return torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(
             0, order // k, ys).to(x.dtype)
     if N * k < E:
         xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (M, 1, d): copy j of token n is row n·k + j
-        h = F.silu(xs @ gate_w[flat].mT) * (xs @ up_w[flat].mT)  # (M, 1, inter)
-        ys = (h @ down_w[flat].mT).squeeze(1).float() * w.unsqueeze(-1)  # (M, d)
+        h = F.silu(_bmm(xs, gate_w, updates[0], flat)) * _bmm(xs, up_w, updates[1], flat)  # (M, 1, inter)
+        ys = _bmm(h, down_w, updates[2], flat).squeeze(1).float() * w.unsqueeze(-1)  # (M, d)
         return ys.view(N, k, -1).sum(1).to(x.dtype)
     dense = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, indices, weights.float())
     xe = x.unsqueeze(0).expand(E, N, x.shape[1])  # (E, N, d)
-    h = F.silu(xe @ gate_w.mT) * (xe @ up_w.mT)  # (E, N, inter)
-    ys = (h @ down_w.mT).float() * dense.T.unsqueeze(-1)  # (E, N, d)
+    h = F.silu(_bmm(xe, gate_w, updates[0])) * _bmm(xe, up_w, updates[1])  # (E, N, inter)
+    ys = _bmm(h, down_w, updates[2]).float() * dense.T.unsqueeze(-1)  # (E, N, d)
     return ys.sum(0).to(x.dtype)
+
+
+def _bmm(xs: torch.Tensor, w: torch.Tensor, u: LowRank | None, chosen: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """xs (B, n, in) times expert chosen[i] (every expert in order when None) of w (G, out, in), transposed,
+    plus that expert's low-rank update → (B, n, out)."""
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if chosen is None else t[chosen]
+
+    y = xs @ pick(w).mT
+    if u is not None:
+        y = y + u.scale * ((xs @ pick(u.a).mT) @ pick(u.b).mT)
+    return y
 
 
 class Experts(nn.Module):
@@ -130,15 +193,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                capacity: int | None = None, sync_free: bool = False) -> torch.Tensor:
+                capacity: int | None = None, sync_free: bool = False, updates: Updates = NO_UPDATES
+                ) -> torch.Tensor:
         """x (N, d), indices/weights (N, k) → Σ_j weights[:, j] · expert_{indices[:, j]}(x), shape (N, d).
         With `capacity`, each expert keeps at most that many token copies, its highest-weight ones; the
         dropped copies contribute nothing (the token still has its residual and shared experts).
-        sync_free: the capturable formulation (see `sync_free_experts`), for compiled or graphed decoding."""
+        sync_free: the capturable formulation (see `sync_free_experts`), for compiled or graphed decoding.
+        updates: low-rank updates of (gate_proj, up_proj, down_proj), e.g. a LoRA adapter's."""
         if sync_free:
             if capacity is not None:
                 raise ValueError("capacity dropping keeps a data-dependent number of copies: not sync-free")
-            return sync_free_experts(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj)
+            return sync_free_experts(x, indices, weights, self.gate_proj, self.up_proj, self.down_proj, updates)
         N, k = indices.shape
         flat, w = indices.reshape(-1), weights.reshape(-1)
         if capacity is None:
@@ -151,11 +216,12 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm: cast as it would
             dt = torch.get_autocast_dtype(x.device.type)
             x, gate_w, up_w, down_w = x.to(dt), gate_w.to(dt), up_w.to(dt), down_w.to(dt)
+            updates = tuple(None if u is None else u.to(dt) for u in updates)
         # index_select, not x[token]: its backward is a deterministic index_add, where indexing's backward
         # (index_put with accumulate) adds in a thread-dependent order on CPU and breaks bit-exact resume
         xs = x.index_select(0, token)  # (M, d), M = N·k copies (fewer after dropping)
-        h = F.silu(grouped_mm(xs, gate_w, counts)) * grouped_mm(xs, up_w, counts)
-        ys = grouped_mm(h, down_w, counts)  # (M, d)
+        h = F.silu(grouped_mm(xs, gate_w, counts, updates[0])) * grouped_mm(xs, up_w, counts, updates[1])
+        ys = grouped_mm(h, down_w, counts, updates[2])  # (M, d)
         # combine in fp32: the routing weights are fp32 and k partial sums lose bits in bf16
         ys = ys.float() * w[order].unsqueeze(-1)
         out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)

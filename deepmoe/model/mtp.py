@@ -38,7 +38,8 @@ class MTPModule(nn.Module):
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, start_pos: int = 0, router_out=None,
-                capacity_factor: float | None = None) -> torch.Tensor:
+                capacity_factor: float | None = None, sync_free: bool = False) -> torch.Tensor:
         """h_prev, emb_next (B, T, d) → this depth's hidden state (B, T, d), before shared_head.norm."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, cache, start_pos, router_out=router_out, capacity_factor=capacity_factor)
+        return self.block(h, cos, sin, cache, start_pos, router_out=router_out, capacity_factor=capacity_factor,
+                          sync_free=sync_free)

@@ -86,13 +86,14 @@ class DeepSeekModel(FP32Buffers):
 
     def mtp_hidden(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache | None = None,
                    start_pos: int | torch.Tensor = 0, router_out: list[Routing] | None = None,
-                   capacity_factor: float | None = None) -> torch.Tensor:
+                   capacity_factor: float | None = None, sync_free: bool = False) -> torch.Tensor:
         """MTP depth `depth` (1-based) at positions start_pos ..: h_prev (B, T, d) is the previous depth's
         output (the main model's final normed hidden state for depth 1), next_ids (B, T) the tokens `depth`
-        positions ahead → (B, T, d). Its cache layer is num_hidden_layers + depth - 1."""
+        positions ahead → (B, T, d). Its cache layer is num_hidden_layers + depth - 1. sync_free: see
+        hidden_states."""
         cos, sin = self.rope(next_ids.shape[1], start_pos, h_prev.device)
         return self.mtp[depth - 1](h_prev, self.model.embed_tokens(next_ids), cos, sin, cache, start_pos,
-                                   router_out=router_out, capacity_factor=capacity_factor)
+                                   router_out=router_out, capacity_factor=capacity_factor, sync_free=sync_free)
 
     def mtp_head(self, depth: int, h: torch.Tensor) -> torch.Tensor:
         """Logits of MTP depth `depth` from its hidden state: at position i they predict token i+depth+1."""

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, list_presets
-from ..train.config import PRECISIONS, SCHEDULES
+from ..train.config import SCHEDULES
 from .data import BAD_LINE_POLICIES
 from .losses import KL_KINDS
 
 SFT_CONFIG = "sft_config.json"
 DISTILL_CONFIG = "distill_config.json"
 DISTILL_MODES = ("logit", "sequence")
+PRECISIONS = ("auto", "fp32", "bf16")  # pretraining's fp8 GEMMs are not wired into post-training
 
 
 @dataclass

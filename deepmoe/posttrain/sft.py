@@ -273,7 +273,8 @@ class SFTTrainer:
 
     def save(self) -> Path:
         state = dict(self.state, sampler=self.sampler.state_dict())
-        return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.cfg, state, self.cfg.FILE)
+        return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.cfg, state,
+                               config_name=self.cfg.FILE)
 
     def task_accuracy(self, model_dir: str | Path) -> dict[str, Any] | None:
         """Held-out accuracy of the model in model_dir on the task, through the engine (None without a task)."""

@@ -8,6 +8,11 @@ A step may add 0, 1 or several tokens to a sequence (speculative decoding), so s
 from the text so far (all completion ids decoded, minus a trailing incomplete UTF-8 character) minus what
 was already sent. Any tail that could be the start of a stop string is held back until it is known not to
 be one: no stop text is ever streamed, and the concatenated stream equals the non-streamed text.
+
+Failures stay with their request: a sequence the engine finished with "error" (see LLMEngine.step), or an
+exception while detokenising one request's output, ends that request (a 500, or an error event mid-stream)
+and no other. The waiting queue is bounded: a request that would take it past `max_waiting_seqs` sequences
+is refused with a 503 and `Retry-After`, before it costs anything.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..engine.detokenizer import decode_stable
+from ..engine.detokenizer import decode_stable, streamable
 from ..engine.llm import LLMEngine
 from ..engine.sequence import SamplingParams, Sequence
 from .metrics import ServerMetrics
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # a full queue drains at the engine's pace: a client may try again after this many seconds
 
 
 @dataclass
@@ -46,19 +53,8 @@ class Delta:
     num_tokens: int = 0  # completion tokens, set once finished
 
 
-def streamable(text: str, stops: list[str]) -> str:
-    """The longest prefix of text that can be sent: it ends before any stop string, and any tail that is a
-    proper prefix of a stop string is held back (the next tokens may complete it)."""
-    hits = [text.find(s) for s in stops if s in text]
-    if hits:
-        return text[:min(hits)]
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:n]):
-                held = n
-                break
-    return text[:len(text) - held]
+class _SequenceFailed(Exception):
+    """A sequence the engine finished with "error"; the message is the engine's reason."""
 
 
 @dataclass
@@ -123,8 +119,8 @@ class Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_waiting_seqs: int):
+        self.engine, self.metrics, self.max_waiting_seqs = engine, metrics, max_waiting_seqs
         self.tokenizer = engine.tokenizer
         self._inbox: queue.Queue = queue.Queue()
         self._live: dict[str, _Request] = {}
@@ -145,6 +141,10 @@ class AsyncEngine:
             self._inbox.put(("stop", None))
             self._thread.join()
             self._thread = None
+
+    def cut(self, message: str) -> None:
+        """End every request in flight with a 503 saying `message` (thread-safe); the engine keeps running."""
+        self._inbox.put(("cut", message))
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams, stream: bool) -> Stream:
         """Queue a request (each prompt × params.n choices); returns once the engine accepted it. Raises
@@ -180,8 +180,13 @@ class AsyncEngine:
                         req.post("error", APIError(503, "the server is shutting down"))
                 return
             try:
-                for kind, req in commands:
-                    self._add(req) if kind == "add" else self._abort(req)
+                for kind, payload in commands:
+                    if kind == "add":
+                        self._add(payload)
+                    elif kind == "abort":
+                        self._abort(payload)
+                    elif kind == "cut":  # the shutdown's grace period is over
+                        self._fail_all(503, payload)
                 if sched.has_unfinished():
                     self.engine.step()
                     self._publish()
@@ -191,7 +196,13 @@ class AsyncEngine:
             self.metrics.observe_engine(self.engine)
 
     def _add(self, req: _Request) -> None:
-        n = req.params.n
+        n, waiting = req.params.n, len(self.engine.scheduler.waiting)
+        if waiting + len(req.prompts) * n > self.max_waiting_seqs:
+            req.post("error", APIError(503, f"the server is busy: {waiting} sequences are waiting for the engine "
+                                            f"and this request adds {len(req.prompts) * n}, over the queue's limit of "
+                                            f"{self.max_waiting_seqs}; retry later",
+                                       headers={"Retry-After": str(RETRY_AFTER_S)}))
+            return
         try:
             for i, ids in enumerate(req.prompts):
                 for k in range(n):
@@ -216,20 +227,30 @@ class AsyncEngine:
                 self.metrics.on_finish("abort", time.perf_counter() - req.arrival)
 
     def _fail_all(self, status: int, message: str) -> None:
-        for req in self._live.values():
-            for c in req.choices:
-                if not c.done:
-                    try:
-                        self.engine.abort(c.seq)
-                    except Exception:  # keep failing the others; the blocks are what matters
-                        log.exception("abort failed for %r", c.seq)
-                    self.metrics.on_finish("error", time.perf_counter() - req.arrival)
-            req.post("error", APIError(status, message))
-        self._live.clear()
+        for req in list(self._live.values()):
+            self._fail(req, status, message)
+
+    def _fail(self, req: _Request, status: int, message: str) -> None:
+        """End req with an error: its unfinished sequences are aborted (their blocks freed) and it gets `message`."""
+        for c in req.choices:
+            if not c.done:
+                try:
+                    self.engine.abort(c.seq)  # a sequence the engine already finished (an error) is only forgotten
+                except Exception:  # keep failing the others; the blocks are what matters
+                    log.exception("abort failed for %r", c.seq)
+                self.metrics.on_finish("error", time.perf_counter() - req.arrival)
+        self._live.pop(req.id, None)
+        req.post("error", APIError(status, message))
 
     def _publish(self) -> None:
         for req in list(self._live.values()):
-            deltas = [d for c in req.choices if not c.done and (d := self._advance(req, c)) is not None]
+            try:
+                deltas = [d for c in req.choices if not c.done and (d := self._advance(req, c)) is not None]
+            except Exception as e:  # this request's own failure (the engine's, or detokenising it): it alone ends
+                if not isinstance(e, _SequenceFailed):
+                    log.exception("request %s failed", req.id)
+                self._fail(req, 500, f"generating this request failed: {e}")
+                continue
             if deltas:
                 req.post("deltas", deltas)
             if all(c.done for c in req.choices):
@@ -245,6 +266,8 @@ class AsyncEngine:
             self.metrics.on_tokens(n - c.num_tokens)
         grew, c.num_tokens = n > c.num_tokens, n
         want_logprobs = req.params.logprobs is not None
+        if seq.finish_reason == "error":  # the engine ended it alone (and logged why)
+            raise _SequenceFailed(seq.error)
         if seq.is_finished:
             out = self.engine.output(seq, c.sample)
             c.done = True

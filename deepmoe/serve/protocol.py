@@ -5,18 +5,23 @@ unknown fields, as OpenAI clients send optional fields this server does not mode
 change the result but are not implemented (echo, suffix, logit_bias, tools, ...) are rejected, never
 ignored. `ignore_eos`, `top_k`, `min_p`, `repetition_penalty` and `stop_token_ids` are vLLM's extras
 (send them with the openai client's `extra_body`).
+
+Text must be valid Unicode: JSON can escape a lone UTF-16 surrogate ("\\ud800"), which Python decodes to a
+string that no tokenizer can encode, so every text field is checked here and such a request is a 400.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..engine.sequence import SamplingParams
 
-MAX_CHOICES = 128  # n per prompt: one request must not be able to queue unbounded work
+MAX_CHOICES = 128  # n per prompt (the server's limits bound prompts × n as well)
+ROLES = ("system", "user", "assistant", "tool", "developer")
+SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's seed is a 64-bit integer
 
 
 def error_json(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -25,17 +30,31 @@ def error_json(status: int, message: str, param: str | None = None, code: str | 
 
 
 class APIError(Exception):
-    """An error the client gets as `error_json` with this HTTP status (or as an event, mid-stream)."""
+    """An error the client gets as `error_json` with this HTTP status and headers (or as an event, mid-stream)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def json(self) -> dict:
         return error_json(self.status, self.message, self.param, self.code)
 
 
 # ---- requests ------------------------------------------------------------------------------------
+def valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # the only str that cannot be encoded holds a lone surrogate
+        raise ValueError(f"the text holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X} at character "
+                         f"{e.start}), which is not valid Unicode; send valid UTF-8 (a surrogate only as half "
+                         "of a pair)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
@@ -44,7 +63,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by both endpoints; None means the SamplingParams default (OpenAI's defaults)."""
     model_config = ConfigDict(strict=True, extra="ignore")
-    model: str
+    model: Text
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
@@ -54,12 +73,26 @@ class _Sampling(BaseModel):
     n: int | None = Field(None, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):  # a validator, not Text in the union: a union reports a type error for its first member
+        for text in [v] if isinstance(v, str) else v or []:
+            valid_unicode(text)
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        if v is not None and not SEED_RANGE[0] <= v <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a 64-bit signed integer, in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        return v
 
     @property
     def include_usage(self) -> bool:
@@ -105,6 +138,9 @@ class CompletionRequest(_Sampling):
 
         if isinstance(v, str) or (isinstance(v, list) and v and (ids(v) or all(isinstance(p, str) for p in v)
                                                                  or all(ids(p) for p in v))):
+            for text in [v] if isinstance(v, str) else v:
+                if isinstance(text, str):
+                    valid_unicode(text)
             return v
         raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of "
                          "lists of token ids (not empty)")
@@ -124,7 +160,7 @@ class CompletionRequest(_Sampling):
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -132,9 +168,24 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):  # the parts' text is checked by TextPart
+        return valid_unicode(v) if isinstance(v, str) else v
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v):
+        # checked here, not left to the chat template: many templates render any role they are given
+        if v not in ROLES:
+            raise ValueError(f"unknown role {v!r}; a message's role is one of: {', '.join(ROLES)}")
+        return v
+
     def as_template_dict(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": self.role, "content": content}
+        # OpenAI's developer messages are what system messages were; chat templates know only "system" (a
+        # DeepSeek template would drop the message silently)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_Sampling):

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import ModelConfig, list_presets
 
 SCHEDULES = ("multistep", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
 
     # execution
     device: str | None = None  # None: cuda if available, else cpu
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp8: FP8 GEMMs (train/fp8.py)
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -76,6 +76,9 @@ class TrainConfig:
     progress: bool = True
     sample_tokens: int = 96  # a greedy sample printed and saved at the end; 0 disables
 
+    # settings changed on resume, oldest first: {"step": S, "changes": {name: {"from": old, "to": new}}}, in
+    # force from step S + 1 on (`resume_config`)
+    history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys of a saved config, kept
 
     def validate(self) -> None:
@@ -107,6 +110,7 @@ class TrainConfig:
         need(self.eval_batches >= 1 and self.keep_checkpoints >= 1 and self.max_bad_steps >= 1,
              "eval_batches, keep_checkpoints and max_bad_steps must be >= 1")
         need(self.sample_tokens >= 0, "sample_tokens must be >= 0")
+        need(isinstance(self.history, list), "history must be a list of changes")
 
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +138,38 @@ class TrainConfig:
             raise FileNotFoundError(f"training config {str(path)!r} not found") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from e
+
+
+# What `--resume` may change. Where the run lives, how it is logged and checkpointed and how long it runs,
+# and, to recover from a divergence, the optimizer and the learning-rate schedule: the schedule is a pure
+# function of the step and the config, so the new one simply takes over from the checkpoint's step (a longer
+# --warmup-steps continues the ramp from there). Every other field must match: it would change the data,
+# the model or the objective under the saved optimizer state.
+RESUME_LOGISTICS = frozenset({"out", "cache_dir", "device", "steps", "eval_every", "eval_batches", "checkpoint_every",
+                              "keep_checkpoints", "plots", "progress", "sample_tokens", "max_bad_steps"})
+RESUME_OPTIMIZER = frozenset({"lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_at", "decay_factor", "beta1",
+                              "beta2", "eps", "weight_decay", "grad_clip"})
+_UNRECORDED = ("out", "cache_dir", "history")  # where the files are is not a setting of the run
+
+
+def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """The saved config of a run with the fields in `given` that a resume may change; a ValueError naming
+    the flags that would change anything else."""
+    refused = sorted(k for k, v in given.items()
+                     if k not in RESUME_LOGISTICS | RESUME_OPTIMIZER and getattr(saved, k) != v)
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise ValueError(f"--resume continues the saved run; these flags would change its data, model or objective: "
+                         f"{flags} (remove them). A resume may change the optimizer and schedule (--lr, "
+                         "--warmup-steps, --schedule, ...), --steps and the logging and checkpoint flags")
+    return dataclasses.replace(saved, **given)
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, dict[str, Any]]:
+    """{field: {"from": old value, "to": new value}} for every setting that differs (JSON values)."""
+    a, b = old.to_dict(), new.to_dict()
+    return {k: {"from": a.get(k), "to": b.get(k)} for k in sorted(a.keys() | b.keys())
+            if k not in _UNRECORDED and a.get(k) != b.get(k)}
 
 
 def default_cache_dir() -> str:

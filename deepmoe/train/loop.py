@@ -4,15 +4,20 @@ One optimizer step = grad_accum micro-batches of (B, T) tokens. Each micro-batch
     CE(main head) + λ · mean_k CE(MTP depth k) + α · Σ_layers sequence-balance loss
 After the step, every noaux_tc router's correction bias moves by ±γ toward balance, from the loads
 counted over the whole step. Non-finite losses or gradients skip the step (counted); too many in a row
-stop the run with the last good checkpoint intact. On CPU the run is deterministic: stopping at a
-checkpoint and resuming gives the same losses, bit for bit, as never stopping.
+stop the run, naming the last checkpoint from before the loss or gradient norm blew up (`health`), which
+pruning keeps. On CPU the run is deterministic: stopping at a checkpoint and resuming gives the same
+losses, bit for bit, as never stopping. A resume may change the optimizer and schedule; the change is
+recorded in the config's history and in the metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,20 +29,34 @@ import torch
 from ..checkpoint import load_pretrained
 from ..config import ModelConfig
 from ..data import BatchSampler
-from ..durable import atomic_write_text, mkdir, mkdtemp, replace_dir
+from ..durable import atomic_write_text, mkdir, mkdtemp, remove_dir, replace_dir
 from ..generate import generate
 from ..model import build_model
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
-from .config import TrainConfig
+from .config import TrainConfig, config_changes
 from .data import TrainData, prepare_data
 from .evaluate import evaluate
+from .fp8 import convert_to_fp8_training
+from .health import describe_blowup, last_sound_step, new_health, observe
 from .losses import cross_entropy, mtp_loss, sequence_balance_loss
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
-from .state import TRAIN_CONFIG, list_checkpoints, load_trainer_state, save_checkpoint, write_model_dir
+from .state import (
+    TRAIN_CONFIG,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    remove_interrupted_saves,
+    save_checkpoint,
+    write_model_dir,
+)
 from .transforms import apply_activation_checkpointing, apply_compile, autocast_context
 
 SAMPLE_PROMPT = "def "
+SUMMARY = "summary.json"
+
+log = logging.getLogger("deepmoe")
 
 
 class TrainingError(RuntimeError):
@@ -62,7 +81,12 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False):
+    """`resume`: False starts a new run; True continues from the newest checkpoint; a checkpoint's name
+    (`step-0000020`) or path continues from that one, deleting the later ones (they belong to the run that
+    is being replaced: a plain resume must never pick them up again)."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False):
+        self.started = time.perf_counter()
         self.cfg, self.model_cfg = cfg, model_cfg
         self.run_dir = Path(cfg.out)
         self.device = torch.device(cfg.device)
@@ -72,13 +96,16 @@ class Trainer:
                              f"{checkpoints[-1].name}); pass --resume to continue it or choose another --out")
         if resume and not checkpoints:
             raise ValueError(f"nothing to resume in {str(self.run_dir)!r}: it has no complete checkpoint")
+        ckpt = None
+        if resume:
+            ckpt = checkpoints[-1] if resume is True else find_checkpoint(self.run_dir, resume)
         torch.manual_seed(cfg.seed)
 
         self.data: TrainData = prepare_data(
             cfg.data, seq_len=cfg.seq_len, vocab_size=model_cfg.vocab_size, cache_dir=cfg.cache_dir,
             val_fraction=cfg.val_fraction, seed=cfg.seed, text_field=cfg.text_field, tokenizer_dir=cfg.tokenizer)
         mkdir(self.run_dir)  # only once the data is known to be usable
-        ckpt = checkpoints[-1] if resume else None
+        remove_interrupted_saves(self.run_dir)
         if ckpt is not None:
             self.model = load_pretrained(ckpt, device=self.device, dtype=torch.float32)
         else:
@@ -90,21 +117,51 @@ class Trainer:
         self.moe_layer_ids = [i for i, block in enumerate(blocks) if block.mlp in self.moe]  # metrics labels
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.batch_size, cfg.seed)
+        # elapsed_s: time in optimizer steps; wall_s: time of the whole run up to the last save
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "bad_in_a_row": 0,
-                                      "elapsed_s": 0.0}
+                                      "elapsed_s": 0.0, "wall_s": 0.0, "health": new_health()}
         if ckpt is not None:
             saved = load_trainer_state(ckpt, self.model, self.optimizer)
             self.sampler.load_state_dict(saved.pop("sampler"))
             self.state.update(saved)
-        else:
+        self.wall_before = self.state["wall_s"]  # what the sessions before this one took
+        self.complete = ckpt is not None and self.state["step"] >= cfg.steps and (self.run_dir / SUMMARY).is_file()
+        self.changes: dict[str, dict[str, Any]] = {}
+        if ckpt is None:
             atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
+        elif not self.complete:
+            self._continue_from(ckpt, checkpoints)
         # transforms go on after loading: they wrap forward functions, never parameter names
+        if cfg.precision == "fp8":  # the same Parameters in FP8-GEMM linears: optimizer and checkpoints unchanged
+            print(convert_to_fp8_training(self.model).summary())
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:
             apply_compile(self.model)
         self.autocast = autocast_context(self.device, cfg.precision)
+        if self.complete:
+            self.metrics = None  # nothing will be logged, and the log is left as the run finished it
+            return
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state["step"] if ckpt else None)
+        if self.changes:
+            self.metrics.write({"kind": "config", "step": self.state["step"], "tokens": self.state["tokens"],
+                                "changes": self.changes})
+
+    def _continue_from(self, ckpt: Path, checkpoints: list[Path]) -> None:
+        """Drop the checkpoints after `ckpt`, and record what this resume changes in the run's config."""
+        later = checkpoints[checkpoints.index(ckpt) + 1:]
+        for c in later:
+            remove_dir(c)
+        if later:
+            log.info("continuing from %s: removed the later checkpoint(s) %s", ckpt.name,
+                     ", ".join(c.name for c in later))
+        run_cfg = self.run_dir / TRAIN_CONFIG
+        saved = TrainConfig.from_json(run_cfg if run_cfg.is_file() else ckpt / TRAIN_CONFIG)
+        self.changes = config_changes(saved, self.cfg)
+        history = saved.history + ([{"step": self.state["step"], "changes": self.changes}] if self.changes else [])
+        self.cfg = dataclasses.replace(self.cfg, history=history)
+        # rewritten even without changes: a copied run gets its own location
+        atomic_write_text(run_cfg, json.dumps(self.cfg.to_dict(), indent=2))
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> StepResult:
@@ -152,8 +209,11 @@ class Trainer:
                 update_bias(self.moe[:len(counts)], counts, cfg.bias_update_rate)
             self.state["bad_in_a_row"] = 0
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":  # the optimizer step is still queued: count it in this step's time
+            torch.cuda.synchronize(self.device)
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
         dt = time.perf_counter() - t0
+        self.state["health"] = observe(self.state["health"], step + 1, loss, grad_norm)
         self.state["step"] += 1
         self.state["tokens"] += tokens
         self.state["elapsed_s"] += dt
@@ -161,17 +221,27 @@ class Trainer:
                   "ce": _mean([r.ce for r in results]), "mtp_loss": _mean([r.mtp for r in results]),
                   "aux_loss": _mean([r.aux for r in results]), "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": tokens / dt, "elapsed_s": self.state["elapsed_s"], "skipped": skipped,
-                  "moe_layers": self.moe_layer_ids[:0 if counts is None else len(counts)]}
+                  "moe_layers": self.moe_layer_ids[:0 if counts is None else len(counts)],
+                  "num_hidden_layers": self.model_cfg.num_hidden_layers}  # moe_layers from here on are MTP blocks
         record.update(load_metrics(counts) if counts is not None else
                       {"max_vio": [], "min_share": [], "max_share": [], "dead_experts": [], "expert_share": []})
         self.metrics.write(record)
         if self.state["bad_in_a_row"] >= cfg.max_bad_steps:
-            last = list_checkpoints(self.run_dir)
-            raise TrainingError(
-                f"loss or gradients were non-finite for {cfg.max_bad_steps} steps in a row (up to step "
-                f"{self.state['step']}); stopping. Last good checkpoint: {str(last[-1]) if last else 'none'}. "
-                "Lower --lr, raise --warmup-steps or check the data, then --resume.")
+            raise TrainingError(self._divergence_message())
         return record
+
+    def _divergence_message(self) -> str:
+        cfg, health = self.cfg, self.state["health"]
+        head = (f"loss or gradients were non-finite for {cfg.max_bad_steps} steps in a row (up to step "
+                f"{self.state['step']}); stopping. The run blew up {describe_blowup(health)}.")
+        sound = [c for c in list_checkpoints(self.run_dir) if checkpoint_step(c) <= last_sound_step(health)]
+        if not sound:
+            return (f"{head} No checkpoint from before that is left: start a new run (another --out, or delete "
+                    f"this one) with a lower --lr (it was {cfg.lr:g}) or a longer --warmup-steps (it was "
+                    f"{cfg.warmup_steps}), or check the data.")
+        return (f"{head} The last checkpoint from before it is {sound[-1]}. Continue from it with a lower --lr "
+                f"(it was {cfg.lr:g}) or a longer --warmup-steps (it was {cfg.warmup_steps}), or check the data; e.g. "
+                f"deepmoe train --out {self.run_dir} --resume {sound[-1].name} --lr {cfg.lr / 10:g}")
 
     # ---- evaluation, checkpoints, outputs ---------------------------------------------------------
     def validate(self, max_batches: int | None) -> dict[str, float]:
@@ -185,9 +255,16 @@ class Trainer:
                             "val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r.get("bpb"), "full": full})
         return r
 
+    def wall_time(self) -> float:
+        """Seconds this run has taken, over every session that led to the current state."""
+        return self.wall_before + time.perf_counter() - self.started
+
     def save(self) -> Path:
+        self.state["wall_s"] = self.wall_time()
         state = dict(self.state, sampler=self.sampler.state_dict())
-        return save_checkpoint(self.run_dir, self.model, self.data.tokenizer, self.optimizer, self.cfg, state)
+        # while blowing up, keep the checkpoint to come back to however many newer ones are saved
+        return save_checkpoint(self.run_dir, self.model, self.data.tokenizer, self.optimizer, self.cfg, state,
+                               also_keep_up_to=last_sound_step(self.state["health"]))
 
     def write_final(self) -> Path:
         final = self.run_dir / "final"
@@ -210,51 +287,64 @@ class Trainer:
         return tok.decode(out[0].tolist(), skip_special_tokens=True)
 
 
-def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, echo=print) -> dict[str, Any]:
-    """Run (or continue) training to cfg.steps; return the summary also written to RUN/summary.json."""
+def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False, echo=print
+          ) -> dict[str, Any]:
+    """Run (or continue, see `Trainer`) training to cfg.steps; return the summary also written to RUN/summary.json."""
     from tqdm.auto import tqdm  # imported here: only a running training loop draws a progress bar
 
     trainer = Trainer(cfg, model_cfg, resume)
-    run_dir, state = trainer.run_dir, trainer.state
+    cfg, run_dir, state = trainer.cfg, trainer.run_dir, trainer.state
     d = trainer.data
     echo(f"data      {cfg.data or 'python stdlib'}: {d.train_documents} train / {d.val_documents} val documents, "
          f"{len(d.train.tokens):,} / {len(d.val.tokens):,} tokens, vocab {d.tokenizer.vocab_size}")
     n = trainer.model.num_parameters()
     echo(f"model     {cfg.preset or cfg.model_config}: {n / 1e6:.2f}M parameters, device {cfg.device}, "
          f"{cfg.steps} steps of {cfg.grad_accum} x {cfg.batch_size} x {cfg.seq_len} tokens")
-    if state["step"] >= cfg.steps and (run_dir / "summary.json").is_file():
+    if trainer.complete:
         echo(f"the run in {str(run_dir)!r} is complete ({state['step']} steps); nothing to resume")
-        trainer.metrics.close()
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        # this copy's own files, wherever the run was when it finished (it may have been copied or moved since)
+        summary["final"] = str(run_dir / "final")
+        if "step_time_s" not in summary:  # written before wall and step time were told apart: a lower bound
+            summary["step_time_s"] = summary["wall_time_s"] = summary.pop("train_time_s")
+        return summary
     if state["step"]:
         echo(f"resuming  from step {state['step']} ({state['tokens']:,} tokens)")
+    for name, change in trainer.changes.items():
+        echo(f"changed   {name} {change['from']} -> {change['to']} from step {state['step']} on "
+             f"(recorded in {run_dir / TRAIN_CONFIG})")
     last_val: dict[str, float] | None = None
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not cfg.progress, unit="step", dynamic_ncols=True)
-    with trainer.metrics, bar:
-        while state["step"] < cfg.steps:
-            r = trainer.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{r['ce']:.3f}" if r["ce"] is not None else "nan",
-                            tok_s=f"{r['tok_per_s']:,.0f}", refresh=False)
-            step = state["step"]
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                last_val = trainer.log_validation()
-                bar.write(f"step {step:>6}  val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                trainer.save()
+    with trainer.metrics:
+        with bar:
+            while state["step"] < cfg.steps:
+                r = trainer.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{r['ce']:.3f}" if r["ce"] is not None else "nan",
+                                tok_s=f"{r['tok_per_s']:,.0f}", refresh=False)
+                step = state["step"]
+                if step == cfg.steps:
+                    # closing draws the bar one last time, with its overall rate: close it before the last
+                    # checkpoint and the final validation so that they do not count as time per step
+                    bar.close()
+                if step % cfg.eval_every == 0 and step < cfg.steps:
+                    last_val = trainer.log_validation()
+                    bar.write(f"step {step:>6}  val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}")
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    trainer.save()
         # the final figures use the whole validation split, not the periodic subset
         last_val = trainer.log_validation(full=True)
     final = trainer.write_final()
     sample = trainer.sample() if cfg.sample_tokens else ""
-    (run_dir / "sample.txt").write_text(sample)
+    atomic_write_text(run_dir / "sample.txt", sample)
     plots = []
     if cfg.plots:
         from .plots import write_plots
         plots = [p.name for p in write_plots(run_dir)]
     summary = {"steps": state["step"], "tokens": state["tokens"], "skipped_steps": state["skipped_steps"],
-               "train_time_s": round(state["elapsed_s"], 1),
+               "wall_time_s": round(trainer.wall_time(), 1), "step_time_s": round(state["elapsed_s"], 1),
                "tokens_per_s": round(state["tokens"] / max(state["elapsed_s"], 1e-9)),
                "val_loss": last_val and last_val["loss"], "val_ppl": last_val and last_val["ppl"],
                "val_bpb": last_val and last_val.get("bpb"), "final": str(final), "plots": plots, "sample": sample}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return summary

@@ -1,8 +1,9 @@
-"""metrics.jsonl: one JSON object per training step ("kind": "train") or evaluation ("kind": "val").
+"""metrics.jsonl: one JSON object per training step ("kind": "train"), evaluation ("kind": "val") or change of
+the run's settings on resume ("kind": "config").
 
 Lines are flushed as they are written, so a crash loses at most the line being written. On resume the
-file is cut back to the checkpoint's step (dropping what the interrupted run logged after it, and any
-torn last line), so a resumed run's log reads exactly like an uninterrupted one.
+file is cut back to what was logged when the checkpoint was saved (dropping what the interrupted run
+logged after it, and any torn last line), so a resumed run's log reads exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..durable import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
@@ -26,11 +28,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def logged_by_then(record: dict[str, Any], step: int) -> bool:
+    """Whether `record` was in the log when the checkpoint of `step` was saved: every record up to that step
+    but the final validation of the whole split, which is logged after the last checkpoint (a run resumed
+    from it logs it again, or, made longer, at its new end). A "config" record at `step` stays: it records
+    settings changed on an earlier resume from this checkpoint, which are still in force."""
+    at = record.get("step", math.inf)
+    return at < step or (at == step and not (record.get("kind") == "val" and record.get("full")))
+
+
 class MetricsLog:
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         else:
             self._truncate(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -43,12 +54,9 @@ class MetricsLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the torn last line of a killed run
-                if record.get("step", math.inf) <= step:
+                if logged_by_then(record, step):
                     kept.append(line)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_clean(record), allow_nan=False) + "\n")

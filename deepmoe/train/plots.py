@@ -58,7 +58,7 @@ def write_plots(run_dir) -> list[Path]:
     # Figure objects rather than pyplot: no global figure registry to leak into and no backend to
     # switch under a notebook that called us (Figure.savefig renders PNGs through Agg by itself).
     written = [_save(_loss_figure(train, val), run_dir / "loss.png")]
-    layers = _moe_layers(train)
+    layers = layer_labels(train)
     if layers:
         written.append(_save(_expert_load_figure(train, layers), run_dir / "expert_load.png"))
         written.append(_save(_max_vio_figure(train, layers), run_dir / "max_vio.png"))
@@ -85,12 +85,18 @@ def _ema(values: list[float], alpha: float = EMA_ALPHA) -> list[float]:
     return out
 
 
-def _moe_layers(train: list[dict]) -> list[int]:
+def layer_labels(train: list[dict]) -> list[str]:
+    """A name per MoE layer of the records: "layer 3" in the main stack, "MTP" (or "MTP 1", "MTP 2", ...
+    for several depths) for the multi-token-prediction blocks, which follow the main stack's indices."""
     # The layer list is fixed by the model, so any record that has one will do; the last is the likeliest to.
-    for rec in reversed(train):
-        if rec.get("moe_layers"):
-            return list(rec["moe_layers"])
-    return []
+    rec = next((r for r in reversed(train) if r.get("moe_layers")), None)
+    if rec is None:
+        return []
+    layers, main = rec["moe_layers"], rec.get("num_hidden_layers")
+    if main is None:  # a log from before records said where the main stack ends
+        return [f"layer {i}" for i in layers]
+    depths = sum(i >= main for i in layers)
+    return [f"layer {i}" if i < main else "MTP" if depths == 1 else f"MTP {i - main + 1}" for i in layers]
 
 
 def _log_y(ax) -> None:
@@ -191,7 +197,7 @@ def _expert_load_figure(train, layers):
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     im = None
     for i, (ax, layer, (steps, m)) in enumerate(zip(axes, layers, data)):
-        ax.set_title(f"layer {layer}")
+        ax.set_title(layer)
         if i % ncols == 0:
             ax.set_ylabel("expert")
         if i >= len(layers) - ncols:
@@ -223,7 +229,7 @@ def _max_vio_figure(train, layers):
             continue
         vals = [v for _, v in pts]
         all_positive &= min(vals) > 0
-        ax.plot([s for s, _ in pts], _ema(vals), lw=1.3, label=f"layer {layer}")
+        ax.plot([s for s, _ in pts], _ema(vals), lw=1.3, label=layer)
     if all_positive and ax.lines:  # a perfectly balanced step has MaxVio 0, which a log axis cannot show
         _log_y(ax)
     ax.set(xlabel="step", ylabel="MaxVio = max load / mean load − 1", title="MaxVio per MoE layer (EMA)")

@@ -7,13 +7,15 @@
         trainer_state/state.json                              step, tokens, counters, data-sampler position
 A checkpoint is built in a hidden temp directory, every file and directory in it fsynced, and moved into
 place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at any moment leaves every
-existing checkpoint intact and never a half-written one under a step-* name. No pickle: tensors are
-safetensors, the rest JSON.
+existing checkpoint intact and never a half-written one under a step-* name; what such a crash does leave,
+the hidden temp directory, is removed when the run next starts (`remove_interrupted_saves`). No pickle:
+tensors are safetensors, the rest JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +30,8 @@ from ..model import DeepSeekModel
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 
+log = logging.getLogger("deepmoe")
+
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG = "train_config.json"
 # in a subdirectory, so the checkpoint's top level stays a plain model directory (every *.safetensors
@@ -35,6 +39,12 @@ TRAIN_CONFIG = "train_config.json"
 STATE_JSON = "trainer_state/state.json"
 STATE_TENSORS = "trainer_state/optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# what an interrupted writer leaves: mkdtemp's directories (8 random characters) for a checkpoint or final/,
+# remove_dir's `.NAME.deleting`, and write_temp's files `.NAME.XXXXXXXX.tmp`. Not `.NAME.old`: that is the
+# only complete copy while a replace_dir is cut between its renames (recover_dir puts it back).
+_TEMP_CHECKPOINT = re.compile(r"^\.step-\d+\.([a-z0-9_]{8}|deleting)$")
+_TEMP_RUN_DIR = re.compile(r"^\.final\.[a-z0-9_]{8}$")
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -49,8 +59,10 @@ def write_model_dir(path: Path, model: DeepSeekModel, tokenizer: Tokenizer, cfg:
 
 
 def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig, state: dict[str, Any], config_name: str = TRAIN_CONFIG) -> Path:
-    """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints."""
+                    cfg: TrainConfig, state: dict[str, Any], also_keep_up_to: int | None = None,
+                    config_name: str = TRAIN_CONFIG) -> Path:
+    """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints and
+    the newest at or before step `also_keep_up_to` (while the run is blowing up: the one to resume from)."""
     root = mkdir(run_dir / CHECKPOINTS)
     final = root / f"step-{state['step']:07d}"
     tmp = mkdtemp(prefix=f".{final.name}.", dir=root)
@@ -64,9 +76,16 @@ def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, o
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-cfg.keep_checkpoints]:
-        remove_dir(old)
+    checkpoints = list_checkpoints(run_dir)
+    sound = [c for c in checkpoints if also_keep_up_to is not None and checkpoint_step(c) <= also_keep_up_to]
+    for old in checkpoints[:-cfg.keep_checkpoints]:
+        if not sound or old != sound[-1]:
+            remove_dir(old)
     return final
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -79,6 +98,39 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP_DIR.match(p.name)) and (p / STATE_JSON).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(run_dir: Path, which: str | Path) -> Path:
+    """The complete checkpoint of this run named `which`: `step-0000020` or its path."""
+    checkpoints = list_checkpoints(run_dir)
+    which = Path(which)
+    for c in checkpoints:
+        if which.name == c.name and (len(which.parts) == 1 or which.resolve() == c.resolve()):
+            return c
+    have = ", ".join(c.name for c in checkpoints) or "none"
+    raise ValueError(f"{str(which)!r} is not a complete checkpoint of the run in {str(run_dir)!r} "
+                     f"(its checkpoints: {have})")
+
+
+def remove_interrupted_saves(run_dir: Path) -> list[Path]:
+    """Delete the temp directories and files that saves cut short by a crash left in `run_dir` (only ours,
+    by their names); return what was removed."""
+    found = []
+    for folder, dir_pattern in ((run_dir, _TEMP_RUN_DIR), (run_dir / CHECKPOINTS, _TEMP_CHECKPOINT)):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if (dir_pattern.match(p.name) and p.is_dir())
+                      or (_TEMP_FILE.match(p.name) and p.is_file())]
+    found.sort()
+    size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if found:
+        log.info("removed what %d interrupted save(s) left in %s (%.1f MB): %s", len(found), run_dir, size / 1e6,
+                 ", ".join(str(p.relative_to(run_dir)) for p in found))
+    return found
 
 
 def load_trainer_state(ckpt: Path, model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -33,7 +33,8 @@ def apply_compile(model: DeepSeekModel) -> None:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (fp32 master weights and optimizer), nothing on CPU or for fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast on CUDA (fp32 master weights and optimizer), nothing on CPU or for fp32. With fp8 the
+    linear layers' GEMMs run in FP8 and what remains (attention's core, experts, head) in bf16 on CUDA."""
+    if precision == "bf16" or (precision in ("auto", "fp8") and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, list_presets
-from ..train.config import SCHEDULES
+from ..train.config import SCHEDULES, check_recipe
 from .data import BAD_LINE_POLICIES
 from .losses import KL_KINDS
 
@@ -102,17 +102,7 @@ class SFTConfig:
             v = getattr(self, name)
             need(v is None or v >= 1, f"{name} must be >= 1, got {v}")
         need(self.val_examples >= 0 and self.eval_problems >= 0, "val_examples and eval_problems must be >= 0")
-        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
-        need(all(0.0 < m < 1.0 for m in self.decay_at) and list(self.decay_at) == sorted(self.decay_at),
-             f"decay_at must be increasing fractions in (0, 1), got {self.decay_at}")
-        need(0.0 < self.decay_factor <= 1.0, "decay_factor must be in (0, 1]")
-        need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "betas must be in [0, 1)")
-        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
-        need(self.mtp_weight >= 0 and self.bias_update_rate >= 0, "mtp_weight and bias_update_rate must be >= 0")
-        need(self.aux_loss_alpha is None or self.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
-        need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be > 0")
+        check_recipe(self, need)
 
     def base_model_config(self) -> ModelConfig:
         """The config of the model training starts from."""

@@ -37,8 +37,8 @@ from ..model import DeepSeekModel
 from ..model.moe import MoE
 from ..tasks import get_task
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..train.balance import load_metrics, moe_layers, update_bias
-from ..train.loop import TrainingError
+from ..train.balance import load_metrics, moe_layers
+from ..train.loop import TrainingError, optimizer_update
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizer, lr_at, set_lr
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, write_model_dir
@@ -195,20 +195,9 @@ class SFTTrainer:
         depths = len(self.model.mtp) if cfg.mtp_weight > 0 else 0
         n_mtp = [sum(int(b.target[:, k:].sum()) for b in batches) for k in range(1, depths + 1)]
         results = [self.forward_backward(b, n_targets, n_mtp) for b in batches]
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
         loss = sum(r.loss for r in results)
         counts = None if results[0].counts is None else sum(r.counts for r in results)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
-            self.state["skipped_steps"] += 1
-            self.state["bad_in_a_row"] += 1
-        else:
-            self.optimizer.step()
-            if counts is not None and cfg.bias_update_rate > 0:
-                update_bias(self.moe[:len(counts)], counts, cfg.bias_update_rate)
-            self.state["bad_in_a_row"] = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = optimizer_update(self.model, self.optimizer, self.moe, counts, loss, cfg, self.state)
         real = sum(int(b.valid.sum()) for b in batches)
         dt = time.perf_counter() - t0
         st = self.state

@@ -21,6 +21,22 @@ SCHEDULES = ("multistep", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
+def check_recipe(cfg, need) -> None:
+    """The optimizer, schedule and loss settings pretraining and post-training share: need(ok, message)
+    reports each one that is out of range."""
+    need(cfg.lr is None or cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, "warmup_steps must be >= 0")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
+    need(all(0.0 < m < 1.0 for m in cfg.decay_at) and list(cfg.decay_at) == sorted(cfg.decay_at),
+         f"decay_at must be increasing fractions in (0, 1), got {cfg.decay_at}")
+    need(0.0 < cfg.decay_factor <= 1.0, "decay_factor must be in (0, 1]")
+    need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, "betas must be in [0, 1)")
+    need(cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+    need(cfg.mtp_weight >= 0 and cfg.bias_update_rate >= 0, "mtp_weight and bias_update_rate must be >= 0")
+    need(cfg.aux_loss_alpha is None or cfg.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
+    need(cfg.capacity_factor is None or cfg.capacity_factor > 0, "capacity_factor must be > 0")
+
+
 @dataclass
 class TrainConfig:
     # model and data
@@ -96,17 +112,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or v >= 1, f"{name} must be >= 1, got {v}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
-        need(all(0.0 < m < 1.0 for m in self.decay_at) and list(self.decay_at) == sorted(self.decay_at),
-             f"decay_at must be increasing fractions in (0, 1), got {self.decay_at}")
-        need(0.0 < self.decay_factor <= 1.0, "decay_factor must be in (0, 1]")
-        need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "betas must be in [0, 1)")
-        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
-        need(self.mtp_weight >= 0 and self.bias_update_rate >= 0, "mtp_weight and bias_update_rate must be >= 0")
-        need(self.aux_loss_alpha is None or self.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
-        need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be > 0")
+        check_recipe(self, need)
         need(self.eval_batches >= 1 and self.keep_checkpoints >= 1 and self.max_bad_steps >= 1,
              "eval_batches, keep_checkpoints and max_bad_steps must be >= 1")
         need(self.sample_tokens >= 0, "sample_tokens must be >= 0")

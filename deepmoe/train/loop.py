@@ -80,6 +80,26 @@ class StepResult:
     counts: torch.Tensor | None  # (L, E) token copies per expert over the step
 
 
+def optimizer_update(model, optimizer: torch.optim.Optimizer, moe: list, counts: torch.Tensor | None, loss: float,
+                     cfg, state: dict[str, Any]) -> tuple[float, bool]:
+    """The end of a step, once its gradients are accumulated: clip them, then either skip the step (a
+    non-finite loss or gradient norm: counted in state's skipped_steps and bad_in_a_row) or take the optimizer
+    step and move the balancing bias by the step's expert counts. → (gradient norm, skipped)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if skipped:
+        state["skipped_steps"] += 1
+        state["bad_in_a_row"] += 1
+    else:
+        optimizer.step()
+        if counts is not None and cfg.bias_update_rate > 0:
+            update_bias(moe[:len(counts)], counts, cfg.bias_update_rate)
+        state["bad_in_a_row"] = 0
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
 class Trainer:
     """`resume`: False starts a new run; True continues from the newest checkpoint; a checkpoint's name
     (`step-0000020`) or path continues from that one, deleting the later ones (they belong to the run that
@@ -195,20 +215,9 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.data.train.batch(next(self.sampler))
             results.append(self.forward_backward(x.to(self.device), y.to(self.device), 1.0 / cfg.grad_accum))
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
         loss = _mean([r.loss for r in results])
         counts = None if results[0].counts is None else sum(r.counts for r in results)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
-            self.state["skipped_steps"] += 1
-            self.state["bad_in_a_row"] += 1
-        else:
-            self.optimizer.step()
-            if counts is not None and cfg.bias_update_rate > 0:
-                update_bias(self.moe[:len(counts)], counts, cfg.bias_update_rate)
-            self.state["bad_in_a_row"] = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = optimizer_update(self.model, self.optimizer, self.moe, counts, loss, cfg, self.state)
         if self.device.type == "cuda":  # the optimizer step is still queued: count it in this step's time
             torch.cuda.synchronize(self.device)
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len

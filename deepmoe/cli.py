@@ -257,8 +257,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "decay_at":
-            p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), **kw)
+        elif typing.get_origin(kind) is tuple:  # comma-separated values
+            item = typing.get_args(kind)[0]
+            p.add_argument(flag, type=lambda s, item=item: tuple(item(v) for v in s.split(",") if v.strip()),
+                           metavar=flag.removeprefix("--").replace("-", "_").upper(), **kw)
         elif f.name == "device":
             p.add_argument(flag, type=device, **kw)
         else:
@@ -407,6 +409,42 @@ DISTILL_HELP = {
     "teacher_temperature": "sequence: the teacher's sampling temperature (0: greedy)",
     "keep_incorrect": "sequence: also train on answers the task marks wrong",
 }
+GRPO_HELP = {
+    **SFT_HELP,
+    "data": "or a JSONL of prompts ({'prompt': text} or {'messages': [...]}, other fields go to the reward "
+            "functions; needs --rewards) (default: none)",
+    "task": "a built-in task whose problems are the prompts and whose rule is a reward: arithmetic, countdown, "
+            "with options as name:field=value,... (default: none; give --task or --data)",
+    "task_examples": "--task: training prompts to generate",
+    "eval_problems": "--task: held-out problems answered greedily for accuracy: before, every --eval-every "
+                     "steps, and after; 0 turns it off",
+    "max_new_tokens": "tokens per rollout (and per evaluation answer)",
+    "seq_len": "longest prompt + completion; longer prompts are skipped and counted "
+               "(default: min(1024, the model's context))",
+    "batch_size": "prompts per step (each gets --num-generations completions)",
+    "grad_accum": "micro-batches a step's completions are split into (memory)",
+    "steps": "rollout batches (each one or --num-iterations optimizer steps)",
+    "lr": "learning rate (default: 1e-4 for hidden_size <= 512, else 1e-6)",
+    "warmup_steps": "linear warmup (default: 5%% of the steps)",
+    "bias_update_rate": "gamma of aux-loss-free balancing from the rollouts' expert loads (0: the bias stays)",
+    "seed": "seed of prompt order and rollout sampling",
+    "eval_every": "steps between held-out evaluations (default: a tenth of the steps)",
+    "num_generations": "G: completions per prompt, compared within their group",
+    "num_iterations": "mu: optimizer steps per rollout batch",
+    "temperature": "rollout sampling temperature (log-probabilities are taken at it too)",
+    "epsilon": "clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon]",
+    "epsilon_high": "upper clip range, DAPO's clip-higher, e.g. 0.28 (default: --epsilon)",
+    "beta": "KL coefficient to the starting model (k3 estimator; 0 loads no reference model)",
+    "loss_type": "grpo (per-sequence mean), dapo (token mean over the batch), dr_grpo (constant length)",
+    "scale_rewards": "divide advantages by the group's reward std, the batch's, or none (Dr. GRPO)",
+    "mask_truncated": "no loss on completions cut at --max-new-tokens",
+    "rewards": "reward functions, comma-separated module:function or file.py:function, called as "
+               "f(prompts, completions, **columns) -> list of float or None (default: none)",
+    "reward_weights": "comma-separated weights, the task's reward first (default: all 1)",
+    "logprob_chunk": "positions whose fp32 logits exist at once",
+}
+for _key in ("val_fraction", "val_examples", "eval_batches", "mtp_weight"):  # not used by GRPO
+    GRPO_HELP.pop(_key)
 # may differ from the saved config on --resume: logging, evaluation, checkpointing, where things live, length
 POSTTRAIN_RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
                               "device", "eval_batches", "max_bad_steps", "eval_problems", "max_new_tokens"}
@@ -422,8 +460,11 @@ def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
     from .posttrain.losses import KL_KINDS
     from .train.config import SCHEDULES
 
+    from .posttrain.grpo_loss import LOSS_TYPES, SCALE_REWARDS
+
     choices = {"on_bad_line": BAD_LINE_POLICIES, "schedule": SCHEDULES, "precision": PRECISIONS,
-               "mode": DISTILL_MODES, "kl": KL_KINDS, "student_preset": list_presets()}
+               "mode": DISTILL_MODES, "kl": KL_KINDS, "student_preset": list_presets(), "loss_type": LOSS_TYPES,
+               "scale_rewards": SCALE_REWARDS}
     types = {"device": device, "teacher": model_dir, "model": model_dir, "data": existing_path,
              "student_config": existing_path}
     hints = typing.get_type_hints(cls)
@@ -441,8 +482,10 @@ def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "decay_at":
-            p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), **kw)
+        elif typing.get_origin(kind) is tuple:  # comma-separated values
+            item = typing.get_args(kind)[0]
+            p.add_argument(flag, type=lambda s, item=item: tuple(item(v) for v in s.split(",") if v.strip()),
+                           metavar=flag.removeprefix("--").replace("-", "_").upper(), **kw)
         else:
             base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
             metavar = None if f.name in choices else flag.removeprefix("--").replace("-", "_").upper()
@@ -538,6 +581,36 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def add_grpo_parser(sub) -> None:
+    from .posttrain.config import GRPOConfig
+
+    p = sub.add_parser("grpo", help="reinforcement learning with rule rewards (GRPO), rollouts from the engine",
+                       description="Group-relative policy optimisation on a built-in task or a prompt JSONL scored "
+                                   "by reward functions. Writes RUN/final, metrics.jsonl, checkpoints, reward.png "
+                                   "and length.png.")
+    add_model_arg(p, required=False)
+    _add_posttrain_flags(p, GRPOConfig, GRPO_HELP, {})
+    p.set_defaults(func=cmd_grpo)
+
+
+def cmd_grpo(args) -> int:
+    from .posttrain.config import GRPOConfig
+    from .posttrain.grpo import grpo
+
+    cfg = _posttrain_config(args, GRPOConfig, GRPO_HELP)
+    summary = grpo(cfg, resume=args.resume)
+    _print_posttrain_summary(summary, cfg.out)
+    if "reward_first" in summary:
+        verdict = ("" if summary["reward_moved"] else
+                   "  -- the reward did not move: check the reward functions, the temperature and the lr")
+        print(f"reward    {summary['reward_first']:.3f} over the first tenth of the steps -> "
+              f"{summary['reward_last']:.3f} over the last tenth{verdict}")
+        if summary["no_signal_steps"]:
+            print(f"note      {summary['no_signal_steps']} of {summary['steps']} steps had no reward spread in any "
+                  "group (nothing to learn from)")
+    return 0
+
+
 # ---- the command --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     import torch
@@ -546,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deepmoe {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_info_parser, add_convert_parser, add_generate_parser, add_train_parser, add_eval_parser,
-                add_serve_parser, add_merge_parser, add_sft_parser, add_distill_parser):
+                add_serve_parser, add_merge_parser, add_sft_parser, add_distill_parser, add_grpo_parser):
         add(sub)
     return p
 

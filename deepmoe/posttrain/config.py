@@ -18,10 +18,13 @@ from typing import Any
 from ..config import ModelConfig, list_presets
 from ..train.config import SCHEDULES, check_recipe
 from .data import BAD_LINE_POLICIES
+from .grpo_loss import LOSS_TYPES as GRPO_LOSS_TYPES
+from .grpo_loss import SCALE_REWARDS
 from .losses import KL_KINDS
 
 SFT_CONFIG = "sft_config.json"
 DISTILL_CONFIG = "distill_config.json"
+GRPO_CONFIG = "grpo_config.json"
 DISTILL_MODES = ("logit", "sequence")
 PRECISIONS = ("auto", "fp32", "bf16")  # pretraining's fp8 GEMMs are not wired into post-training
 
@@ -104,6 +107,9 @@ class SFTConfig:
         need(self.val_examples >= 0 and self.eval_problems >= 0, "val_examples and eval_problems must be >= 0")
         check_recipe(self, need)
 
+    def default_lr(self, model_cfg: ModelConfig) -> float:
+        return 1e-3 if model_cfg.hidden_size <= 512 else 2e-5
+
     def base_model_config(self) -> ModelConfig:
         """The config of the model training starts from."""
         if self.model is None:
@@ -121,8 +127,9 @@ class SFTConfig:
     def from_dict(cls, d: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
-        if "decay_at" in known:
-            known["decay_at"] = tuple(known["decay_at"])
+        for f in dataclasses.fields(cls):  # JSON has lists where the config has tuples
+            if isinstance(f.default, tuple) and isinstance(known.get(f.name), list):
+                known[f.name] = tuple(known[f.name])
         cfg = cls(**known, extra={k: v for k, v in d.items() if k not in names})
         cfg.validate()
         return cfg
@@ -198,7 +205,7 @@ def resolve(cfg: SFTConfig, cuda_available: bool) -> SFTConfig:
         raise ValueError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
                          f"({model_cfg.max_position_embeddings})")
     if r.lr is None:
-        r.lr = 1e-3 if model_cfg.hidden_size <= 512 else 2e-5
+        r.lr = r.default_lr(model_cfg)
     if r.aux_loss_alpha is None:
         r.aux_loss_alpha = float(model_cfg.aux_loss_alpha or 0.0)
     if r.precision == "bf16" and not r.device.startswith("cuda"):
@@ -219,3 +226,63 @@ def resolve_steps(cfg: SFTConfig, num_train_examples: int) -> SFTConfig:
     if r.checkpoint_every is None:
         r.checkpoint_every = max(1, r.steps // 4)
     return r
+
+
+@dataclass
+class GRPOConfig(SFTConfig):
+    """GRPO on a built-in task (`task`) or on a JSONL of prompts (`data`) scored by `rewards`. Inherited
+    fields keep their meaning, except: batch_size counts prompts per step (each gets num_generations
+    completions) and grad_accum splits a step's completions into that many micro-batches; max_new_tokens
+    is the rollouts' budget too. Defaults differ from SFT's where RL practice differs (see docs/grpo.md)."""
+    batch_size: int = 8  # prompts per step
+    steps: int | None = 100
+    task_examples: int = 4096  # training prompts generated for --task
+    val_examples: int = 0  # (unused: GRPO has no reference completions to take a loss on)
+    eval_problems: int = 100
+    max_new_tokens: int = 128
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    mtp_weight: float = 0.0  # the rollouts are not trained on as text: the MTP layers stay as they are
+    bias_update_rate: float = 0.0  # P prompts × G near-copies are no sample of the traffic to balance for
+
+    num_generations: int = 8  # G: completions per prompt, the group each is compared with
+    num_iterations: int = 1  # μ: optimizer steps on each rollout batch (the ratio moves off 1 after the first)
+    temperature: float = 1.0  # rollout sampling temperature; log-probabilities are taken at it too
+    epsilon: float = 0.2  # clip range below 1 (and above, unless epsilon_high)
+    epsilon_high: float | None = None  # DAPO's clip-higher (e.g. 0.28); None: epsilon
+    beta: float = 0.0  # KL(π‖π_ref) coefficient, k3 estimator; 0 loads no reference model
+    loss_type: str = "dapo"  # grpo | dapo | dr_grpo (see posttrain.grpo_loss)
+    scale_rewards: str = "group"  # group | batch | none
+    mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (DAPO's overlong filter)
+    rewards: tuple[str, ...] = ()  # module:function reward functions (added to a task's own reward)
+    reward_weights: tuple[float, ...] = ()  # one per reward function, the task's first; default all 1
+    logprob_chunk: int = 1024  # positions whose fp32 logits exist at once
+
+    FILE = GRPO_CONFIG
+
+    def default_lr(self, model_cfg: ModelConfig) -> float:
+        # policy-gradient steps are noisier than SFT's: an order of magnitude below SFT's rate
+        return 1e-4 if model_cfg.hidden_size <= 512 else 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid GRPOConfig: {msg}")
+
+        need(self.num_generations >= 2, f"num_generations must be >= 2 (a group to compare with), got "
+                                        f"{self.num_generations}")
+        need(self.num_iterations >= 1 and self.logprob_chunk >= 1, "num_iterations and logprob_chunk must be >= 1")
+        need(self.temperature > 0, f"temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        need(0 < self.epsilon < 1, f"epsilon must be in (0, 1), got {self.epsilon}")
+        need(self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(self.loss_type in GRPO_LOSS_TYPES, f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}")
+        need(self.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}")
+        need(self.data is None or bool(self.rewards), "--data prompts need at least one --rewards function to score "
+                                                      "their completions")
+        n_rewards = len(self.rewards) + (self.task is not None)
+        need(not self.reward_weights or len(self.reward_weights) == n_rewards,
+             f"{len(self.reward_weights)} reward weights for {n_rewards} reward functions (the task's counts first)")
+        need(self.mtp_weight == 0, "GRPO does not train the MTP layers (mtp_weight must be 0)")

@@ -265,6 +265,27 @@ class SFTTrainer:
         return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.cfg, state,
                                config_name=self.cfg.FILE)
 
+    # ---- what the run loop asks of a trainer (GRPO reports other things) -------------------------------
+    echo = staticmethod(print)  # where messages go; run() points it at the progress bar's writer
+
+    def schedule_text(self) -> str:
+        cfg = self.cfg
+        return f"{cfg.steps} steps of {cfg.grad_accum} x {cfg.batch_size} examples, seq_len {cfg.seq_len}"
+
+    def progress_fields(self, r: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{r['loss']:.3f}", "tok_s": f"{r['tok_per_s']:,.0f}"}
+
+    def after_step(self, r: dict[str, Any]) -> None:
+        pass
+
+    def write_plots(self) -> list[Path]:
+        from ..train.plots import write_plots
+
+        return write_plots(self.run_dir)
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {}
+
     def task_accuracy(self, model_dir: str | Path) -> dict[str, Any] | None:
         """Held-out accuracy of the model in model_dir on the task, through the engine (None without a task)."""
         if self.task is None or not self.cfg.eval_problems:
@@ -291,8 +312,7 @@ def run(trainer: SFTTrainer, echo=print) -> dict[str, Any]:
     trainer.describe_data(echo)
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     echo(f"model     {trainer.model.num_parameters() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
-         f"device {cfg.device}, {cfg.steps} steps of {cfg.grad_accum} x {cfg.batch_size} examples, "
-         f"seq_len {cfg.seq_len}")
+         f"device {cfg.device}, {trainer.schedule_text()}")
     if state["step"] >= cfg.steps and (run_dir / "summary.json").is_file():
         echo(f"the run in {str(run_dir)!r} is complete ({state['step']} steps); nothing to resume")
         trainer.metrics.close()
@@ -305,30 +325,31 @@ def run(trainer: SFTTrainer, echo=print) -> dict[str, Any]:
             state["accuracy_before"] = before
             echo(format_accuracy("before", before))
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    trainer.echo = bar.write if cfg.progress else echo
     with trainer.metrics, bar:
         while state["step"] < cfg.steps:
             r = trainer.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{r['loss']:.3f}", tok_s=f"{r['tok_per_s']:,.0f}", refresh=False)
+            bar.set_postfix(**trainer.progress_fields(r), refresh=False)
+            trainer.after_step(r)
             step = state["step"]
             if step % cfg.eval_every == 0 and step < cfg.steps:
                 v = trainer.log_validation()
                 if v is not None:
-                    bar.write(f"step {step:>6}  val loss {v['loss']:.4f}")
+                    trainer.echo(f"step {step:>6}  val loss {v['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 trainer.save()
         last_val = trainer.log_validation(full=True)
     final = trainer.write_final()
     after = trainer.task_accuracy(final)
-    plots = []
-    if cfg.plots:
-        from ..train.plots import write_plots
-        plots = [p.name for p in write_plots(run_dir)]
+    trainer.echo = echo
+    plots = [p.name for p in trainer.write_plots()] if cfg.plots else []
     summary = {"steps": state["step"], "tokens": state["tokens"], "target_tokens": state["target_tokens"],
                "skipped_steps": state["skipped_steps"], "train_time_s": round(state["elapsed_s"], 1),
                "tokens_per_s": round(state["tokens"] / max(state["elapsed_s"], 1e-9)),
                "val_loss": last_val and last_val["loss"], "val_ppl": last_val and last_val["ppl"],
-               "accuracy_before": state.get("accuracy_before"), "accuracy": after, "final": str(final), "plots": plots}
+               "accuracy_before": state.get("accuracy_before"), "accuracy": after, "final": str(final), "plots": plots,
+               **trainer.summary_extra()}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 

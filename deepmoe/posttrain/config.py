@@ -231,7 +231,8 @@ def resolve(cfg: SFTConfig, cuda_available: bool) -> SFTConfig:
         raise ValueError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
                          f"({model_cfg.max_position_embeddings})")
     if r.lr is None:  # LoRA's low-rank update is usually trained at about 10x full fine-tuning's rate
-        r.lr = (1e-3 if model_cfg.hidden_size <= 512 else 2e-5) * (10 if r.lora_rank is not None else 1)
+        small = model_cfg.hidden_size <= 512
+        r.lr = (1e-3 if small else 2e-5) if r.lora_rank is None else (1e-2 if small else 2e-4)
     if r.aux_loss_alpha is None:
         r.aux_loss_alpha = float(model_cfg.aux_loss_alpha or 0.0)
     if r.bias_update_rate is None:

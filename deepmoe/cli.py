@@ -376,15 +376,22 @@ SFT_HELP = {
                "(default: min(1024, the model's context))",
     "batch_size": "examples per micro-batch (padded to the longest)", "grad_accum": "micro-batches per step",
     "steps": "optimizer steps (default: one epoch of the training set)",
-    "lr": "peak learning rate (default: 1e-3 for hidden_size <= 512, else 2e-5)",
+    "lr": "peak learning rate (default: 1e-3 for hidden_size <= 512, else 2e-5; 10x that with --lora-rank)",
     "min_lr_ratio": "cosine floor as a fraction of --lr", "warmup_steps": "linear warmup (default: 5%% of the steps)",
     "schedule": "cosine, multistep or constant", "decay_at": "multistep: comma-separated fractions of the run",
     "decay_factor": "multistep: factor at each drop", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
     "eps": "AdamW epsilon", "weight_decay": "AdamW weight decay", "grad_clip": "gradient-norm clip (0: off)",
     "mtp_weight": "lambda of the MTP loss on the trained-on tokens (0: MTP layers left as they are)",
-    "bias_update_rate": "gamma of aux-loss-free balancing (0: off)",
+    "bias_update_rate": "gamma of aux-loss-free balancing (0: off; default: 0.001, and 0 with --lora-rank, which "
+                        "keeps the base and its balancing bias unchanged)",
     "aux_loss_alpha": "sequence-wise balance loss weight (default: the model config's)",
     "capacity_factor": "cap experts at this multiple of the mean load (default: dropless)",
+    "lora_rank": "train a LoRA adapter of this rank on the frozen model instead of the model; writes RUN/adapter, "
+                 "and RUN/final as the model with it merged (default: none, full fine-tuning)",
+    "lora_alpha": "LoRA: the update is scaled by alpha / rank (default: 2 x rank)",
+    "lora_targets": "LoRA: comma-separated layers to adapt, as peft names them: all-linear (attention, dense and "
+                    "shared-expert MLPs), experts (routed experts), gate (routers), q_a_proj, o_proj, ...",
+    "lora_dropout": "LoRA: dropout on the input of the linear layers' adapters",
     "device": "cpu, cuda or cuda:N (default: cuda if available)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
     "activation_checkpointing": "recompute each block in backward", "compile": "torch.compile each block",
@@ -395,7 +402,9 @@ SFT_HELP = {
     "keep_checkpoints": "checkpoints kept", "plots": "write PNG plots", "progress": "show the progress bar",
 }
 DISTILL_HELP = {
-    **SFT_HELP,
+    **{k: v for k, v in SFT_HELP.items() if not k.startswith("lora_")},  # LoRA is sft's: a student trains whole
+    "bias_update_rate": "gamma of aux-loss-free balancing (0: off; default: 0.001)",
+    "lr": "peak learning rate (default: 1e-3 for hidden_size <= 512, else 2e-5)",
     "model": "the student model directory (default: none, for a fresh student built from a preset or config)",
     "teacher": "the teacher model directory (required)",
     "student_preset": "or a fresh student from a preset, with the teacher's tokenizer (default: none)",
@@ -443,7 +452,8 @@ GRPO_HELP = {
     "reward_weights": "comma-separated weights, the task's reward first (default: all 1)",
     "logprob_chunk": "positions whose fp32 logits exist at once",
 }
-for _key in ("val_fraction", "val_examples", "eval_batches", "mtp_weight"):  # not used by GRPO
+for _key in ("val_fraction", "val_examples", "eval_batches", "mtp_weight", "lora_rank", "lora_alpha", "lora_targets",
+             "lora_dropout"):  # not used by GRPO (adapters: merge first; see docs/grpo.md)
     GRPO_HELP.pop(_key)
 # may differ from the saved config on --resume: logging, evaluation, checkpointing, where things live, length
 POSTTRAIN_RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",
@@ -466,7 +476,7 @@ def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
                "mode": DISTILL_MODES, "kl": KL_KINDS, "student_preset": list_presets(), "loss_type": LOSS_TYPES,
                "scale_rewards": SCALE_REWARDS}
     types = {"device": device, "teacher": model_dir, "model": model_dir, "data": existing_path,
-             "student_config": existing_path}
+             "student_config": existing_path, "lora_rank": at_least(1)}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name not in helps:
@@ -525,6 +535,7 @@ def _posttrain_config(args, cls, helps: dict[str, str]):
 
 
 def _print_posttrain_summary(summary: dict, out: str) -> None:
+    from .posttrain.footprint import format_footprint
     from .posttrain.sft import format_accuracy
 
     print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens ({summary['target_tokens']:,} trained on) "
@@ -534,7 +545,11 @@ def _print_posttrain_summary(summary: dict, out: str) -> None:
     for label, key in (("before", "accuracy_before"), ("after", "accuracy")):
         if summary.get(key):
             print(format_accuracy(label, summary[key]))
+    if "trainable_parameters" in summary:  # not in the summary of a run finished before it was reported
+        print(format_footprint(summary))
     print(f"model     {summary['final']}")
+    if summary.get("adapter"):
+        print(f"adapter   {summary['adapter']} (LoRA, peft layout; final is the base with it merged)")
     if summary["plots"]:
         print(f"plots     {', '.join(str(Path(out) / p) for p in summary['plots'])}")
     if summary.get("accuracy") and summary["accuracy"]["examples"]:
@@ -546,8 +561,9 @@ def add_sft_parser(sub) -> None:
     from .posttrain.config import SFTConfig
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat / prompt-completion JSONL or a built-in task",
-                       description="Fine-tune a model directory; the loss covers assistant tokens only. Writes "
-                                   "RUN/final (a model directory), metrics.jsonl, checkpoints, plots.")
+                       description="Fine-tune a model directory, whole or with a LoRA adapter (--lora-rank); the loss "
+                                   "covers assistant tokens only. Writes RUN/final (a model directory), "
+                                   "RUN/adapter under LoRA, metrics.jsonl, checkpoints, plots.")
     add_model_arg(p, required=False)  # not needed with --resume: the run's config names it
     _add_posttrain_flags(p, SFTConfig, SFT_HELP, {})
     p.set_defaults(func=cmd_sft)

@@ -126,6 +126,11 @@ def test_run_outputs(reference, base):
     summary = json.loads((reference / "summary.json").read_text())
     for key in ("accuracy_before", "accuracy"):
         assert summary[key]["n"] == 4 and 0.0 <= summary[key]["accuracy"] <= 1.0
+    # full fine-tuning: everything trains; fp32 gradients, and AdamW's two moments plus a step per tensor
+    assert summary["trainable_parameters"] == summary["parameters"] and summary["trainable_fraction"] == 1.0
+    assert summary["grad_bytes"] == 4 * summary["parameters"] and summary["optimizer_state_bytes"] > 8 * summary[
+        "parameters"]
+    assert summary["lora"] is None and summary["adapter"] is None and "full_finetune_grad_bytes" not in summary
     final = reference / "final"
     assert (final / "sft_config.json").is_file() and not (final / "train_config.json").exists()
     # the engine serves it with the chat template it was trained with

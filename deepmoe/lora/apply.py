@@ -5,7 +5,6 @@ in an adapter_config.json:
   - module targets name nn.Linear layers: a target matches the layer whose path equals it or ends in
     "." + target (`o_proj`, `self_attn.kv_b_proj`, `layers.3.mlp.down_proj`); "all-linear" is every one;
   - parameter targets name weights: `P.weight` of a linear layer P, and `P.gate_up_proj` / `P.down_proj`
-    of the stacked routed experts P (transformers' names: gate and up are one fused parameter there).
     of the stacked routed experts P (transformers' names: gate and up are one fused parameter there), and
     `P.weight` of a router P (`mlp.gate`).
 On the command line one list holds both: a name that mentions `experts` or `gate_up_proj` is a parameter

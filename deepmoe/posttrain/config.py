@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, list_presets
+from ..lora import LoraConfig
+from ..lora.apply import ALL_LINEAR
 from ..train.config import SCHEDULES, check_recipe
 from .data import BAD_LINE_POLICIES
 from .grpo_loss import LOSS_TYPES as GRPO_LOSS_TYPES
@@ -50,7 +52,7 @@ class SFTConfig:
     steps: int | None = None  # None: one epoch
 
     # optimizer and schedule (TrainConfig's names)
-    lr: float | None = None  # None: 1e-3 for hidden_size <= 512, else 2e-5
+    lr: float | None = None  # None: 1e-3 for hidden_size <= 512, else 2e-5; 10x that under LoRA
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # None: 5% of the steps
     schedule: str = "cosine"
@@ -64,9 +66,15 @@ class SFTConfig:
 
     # MoE and MTP
     mtp_weight: float = 0.1  # keeps the MTP layer in step with the tuned model, so speculative drafts still land
-    bias_update_rate: float = 0.001
+    bias_update_rate: float | None = None  # None: 0.001, and 0 under LoRA (the base, its bias included, is frozen)
     aux_loss_alpha: float | None = None  # None: the model config's
     capacity_factor: float | None = None
+
+    # LoRA (deepmoe.lora, posttrain.lora): train a low-rank adapter on the frozen model instead of the model
+    lora_rank: int | None = None  # None: full fine-tuning
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 · rank
+    lora_targets: str = ALL_LINEAR  # comma-separated, as LoraConfig and peft name them; experts, gate: opt-in
+    lora_dropout: float = 0.0  # on the input of the linear layers' A
 
     # execution
     device: str | None = None
@@ -106,9 +114,34 @@ class SFTConfig:
             need(v is None or v >= 1, f"{name} must be >= 1, got {v}")
         need(self.val_examples >= 0 and self.eval_problems >= 0, "val_examples and eval_problems must be >= 0")
         check_recipe(self, need)
+        self._check_lora(need)
+
+    def _check_lora(self, need) -> None:
+        if self.lora_rank is None:
+            need(self.lora_alpha is None and self.lora_targets == ALL_LINEAR and self.lora_dropout == 0.0,
+                 "--lora-alpha, --lora-targets and --lora-dropout need --lora-rank R (LoRA fine-tuning)")
+            return
+        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(any(t.strip() for t in self.lora_targets.split(",")),
+             "lora_targets is empty; e.g. all-linear, or q_a_proj,kv_b_proj,o_proj,experts")
+        # the balancing bias is a buffer of the base: moving it would make the trained model base + adapter +
+        # a new bias, which no adapter file carries (see posttrain.lora)
+        need(not self.bias_update_rate, f"a LoRA run keeps the base, its balancing bias included, unchanged: "
+                                        f"bias_update_rate must be 0, got {self.bias_update_rate}")
+
+    def lora_config(self) -> LoraConfig | None:
+        """The adapter this run trains (None: full fine-tuning)."""
+        if self.lora_rank is None:
+            return None
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets,
+                          dropout=self.lora_dropout)
 
     def default_lr(self, model_cfg: ModelConfig) -> float:
-        return 1e-3 if model_cfg.hidden_size <= 512 else 2e-5
+        # LoRA's low-rank update is usually trained at about 10x full fine-tuning's rate
+        small = model_cfg.hidden_size <= 512
+        return (1e-3 if small else 2e-5) if self.lora_rank is None else (1e-2 if small else 2e-4)
 
     def base_model_config(self) -> ModelConfig:
         """The config of the model training starts from."""
@@ -182,6 +215,8 @@ class DistillConfig(SFTConfig):
         need(0.0 <= self.kl_mix <= 1.0 and 0.0 <= self.kd_weight <= 1.0, "kl_mix and kd_weight must be in [0, 1]")
         need(self.temperature > 0 and self.teacher_temperature >= 0, "temperatures must be > 0 (teacher: >= 0)")
         need(self.kd_chunk >= 1, "kd_chunk must be >= 1")
+        need(self.lora_rank is None, "LoRA fine-tuning is deepmoe sft's (--lora-rank); distillation trains the "
+                                     "whole student")
 
     def base_model_config(self) -> ModelConfig:
         if self.model is not None:
@@ -208,6 +243,13 @@ def resolve(cfg: SFTConfig, cuda_available: bool) -> SFTConfig:
         r.lr = r.default_lr(model_cfg)
     if r.aux_loss_alpha is None:
         r.aux_loss_alpha = float(model_cfg.aux_loss_alpha or 0.0)
+    if r.bias_update_rate is None:
+        r.bias_update_rate = 0.0 if r.lora_rank is not None else 0.001
+    if r.lora_rank is not None:
+        from .lora import plan_lora
+
+        r.lora_alpha = r.lora_config().alpha  # saved as a number, not as "the default"
+        plan_lora(model_cfg, r.lora_config(), r.model)  # a bad target fails now, before data and model load
     if r.precision == "bf16" and not r.device.startswith("cuda"):
         raise ValueError("bf16 autocast is for CUDA; on CPU train in fp32 (--precision fp32)")
     r.validate()
@@ -286,3 +328,4 @@ class GRPOConfig(SFTConfig):
         need(not self.reward_weights or len(self.reward_weights) == n_rewards,
              f"{len(self.reward_weights)} reward weights for {n_rewards} reward functions (the task's counts first)")
         need(self.mtp_weight == 0, "GRPO does not train the MTP layers (mtp_weight must be 0)")
+        need(self.lora_rank is None, "GRPO trains the whole model; for an adapter, deepmoe merge it into its base first")

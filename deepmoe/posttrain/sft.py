@@ -8,10 +8,13 @@ so an example's weight is its number of assistant tokens, whatever micro-batch i
 assistant tokens (and eos) are targets; the final hidden state of any other position receives exactly
 zero gradient.
 
-Extension points, for adapters and other objectives: `model_hook(model)` runs on the loaded model before
-the optimizer is built, and only parameters that still require grad are optimised (LoRA freezes the
-base and adds its own); subclasses override `objective` (distillation adds a KL term), `initial_model`,
-`build_data`, `describe_data`, `train_step` (a policy-gradient step draws its own batches) and `write_final`.
+With cfg.lora_rank set, the model trained is the frozen base with LoRA adapters on it, and what is
+checkpointed and written at the end is the adapter (posttrain.lora); the loop is the same.
+
+Extension points, for other objectives: `model_hook(model)` runs on the loaded model before the optimizer
+is built, and only parameters that still require grad are optimised; subclasses override `objective`
+(distillation adds a KL term), `initial_model`, `build_data`, `describe_data`, `train_step` (a
+policy-gradient step draws its own batches) and `write_final`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_pretrained
 from ..data import BatchSampler
 from ..durable import atomic_write_text, mkdir, mkdtemp, replace_dir
+from ..lora import lora_report
 from ..model import DeepSeekModel
 from ..model.moe import MoE
 from ..tasks import get_task
@@ -45,6 +49,8 @@ from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint,
 from ..train.transforms import apply_activation_checkpointing, apply_compile, autocast_context
 from .config import SFTConfig, resolve_steps
 from .data import Batch, SFTData, build_sft_data, load_records
+from .footprint import footprint, format_footprint
+from .lora import ADAPTER, add_adapter, write_adapter_checkpoint, write_lora_final
 from .losses import masked_balance_loss, masked_expert_counts, masked_mtp_losses
 
 ModelHook = Callable[[DeepSeekModel], None]
@@ -89,8 +95,8 @@ class SFTTrainer:
         self.cfg = cfg = resolve_steps(cfg, len(self.data.train))
         mkdir(self.run_dir)  # only once the data is known to be usable
         ckpt = checkpoints[-1] if resume else None
-        self.model = (load_pretrained(ckpt, device=self.device, dtype=torch.float32) if ckpt is not None
-                      else self.initial_model())
+        self.lora = cfg.lora_config()
+        self.model = self.load_model(ckpt)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{self.model.config.vocab_size}: they do not belong together")
@@ -136,6 +142,16 @@ class SFTTrainer:
     def initial_model(self) -> DeepSeekModel:
         return load_pretrained(self.cfg.model, device=self.device, dtype=torch.float32)
 
+    def load_model(self, ckpt: Path | None) -> DeepSeekModel:
+        """The model to train: the starting one, or checkpoint `ckpt`'s. Under LoRA a checkpoint holds only
+        the adapter, so the starting model (the unchanged base) is always loaded and the adapter put on it."""
+        if self.lora is None:
+            return (self.initial_model() if ckpt is None
+                    else load_pretrained(ckpt, device=self.device, dtype=torch.float32))
+        model = self.initial_model()
+        add_adapter(model, self.lora, self.cfg.seed, ckpt)
+        return model
+
     def objective(self, batch: Batch, hidden: torch.Tensor) -> Objective:
         ce = self.cross_entropy(batch, hidden)
         return Objective(ce, {"ce": ce})
@@ -147,6 +163,8 @@ class SFTTrainer:
         return F.cross_entropy(self.model.lm_head(h).float(), batch.y[batch.target], reduction="sum")
 
     def write_final(self) -> Path:
+        if self.lora is not None:
+            return write_lora_final(self.run_dir, self.model, self.tokenizer, self.cfg)
         final = self.run_dir / "final"
         tmp = mkdtemp(prefix=".final.", dir=self.run_dir)
         try:
@@ -263,7 +281,8 @@ class SFTTrainer:
     def save(self) -> Path:
         state = dict(self.state, sampler=self.sampler.state_dict())
         return save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.cfg, state,
-                               config_name=self.cfg.FILE)
+                               config_name=self.cfg.FILE,
+                               write_model=write_model_dir if self.lora is None else write_adapter_checkpoint)
 
     # ---- what the run loop asks of a trainer (GRPO reports other things) -------------------------------
     echo = staticmethod(print)  # where messages go; run() points it at the progress bar's writer
@@ -313,6 +332,14 @@ def run(trainer: SFTTrainer, echo=print) -> dict[str, Any]:
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     echo(f"model     {trainer.model.num_parameters() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
          f"device {cfg.device}, {trainer.schedule_text()}")
+    sizes = footprint(trainer.model)
+    lora = None
+    if trainer.lora is not None:
+        report = lora_report(trainer.model)
+        lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(trainer.lora.targets),
+                "dropout": cfg.lora_dropout, "layers": report.layers, "by_kind": report.by_kind}
+        echo(f"lora      rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, targets {cfg.lora_targets}: {report}")
+    echo(format_footprint(sizes))
     if state["step"] >= cfg.steps and (run_dir / "summary.json").is_file():
         echo(f"the run in {str(run_dir)!r} is complete ({state['step']} steps); nothing to resume")
         trainer.metrics.close()
@@ -348,7 +375,8 @@ def run(trainer: SFTTrainer, echo=print) -> dict[str, Any]:
                "skipped_steps": state["skipped_steps"], "train_time_s": round(state["elapsed_s"], 1),
                "tokens_per_s": round(state["tokens"] / max(state["elapsed_s"], 1e-9)),
                "val_loss": last_val and last_val["loss"], "val_ppl": last_val and last_val["ppl"],
-               "accuracy_before": state.get("accuracy_before"), "accuracy": after, "final": str(final), "plots": plots,
+               "accuracy_before": state.get("accuracy_before"), "accuracy": after, "final": str(final),
+               "adapter": str(run_dir / ADAPTER) if lora else None, "lora": lora, **sizes, "plots": plots,
                **trainer.summary_extra()}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

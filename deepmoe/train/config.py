@@ -32,7 +32,7 @@ def check_recipe(cfg, need) -> None:
     need(0.0 < cfg.decay_factor <= 1.0, "decay_factor must be in (0, 1]")
     need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, "betas must be in [0, 1)")
     need(cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
-    need(cfg.mtp_weight >= 0 and cfg.bias_update_rate >= 0, "mtp_weight and bias_update_rate must be >= 0")
+    need(cfg.mtp_weight >= 0 and (cfg.bias_update_rate or 0.0) >= 0, "mtp_weight and bias_update_rate must be >= 0")
     need(cfg.aux_loss_alpha is None or cfg.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
     need(cfg.capacity_factor is None or cfg.capacity_factor > 0, "capacity_factor must be > 0")
 

@@ -7,6 +7,7 @@ function of the optimizer step, so "scheduler state" is just that step number: r
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -24,6 +25,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # fused AdamW is one kernel per step on CUDA; on CPU the foreach path is the fast one
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=on_cuda or None, foreach=None if on_cuda else True)
+
+
+def optimizer_memory(params: Iterable[torch.Tensor]) -> dict[str, int]:
+    """What training `params` costs on top of holding them, in bytes, exactly as build_optimizer's AdamW
+    holds it: a gradient per parameter in its dtype, and once stepped two moments in its dtype (exp_avg,
+    exp_avg_sq) plus a 4-byte fp32 step count per tensor. Activations are not counted: they depend on the batch."""
+    params = list({id(p): p for p in params}.values())  # a tied weight is one tensor
+    numel = sum(p.numel() for p in params)
+    grad = sum(p.numel() * p.element_size() for p in params)
+    return {"parameters": numel, "grad_bytes": grad, "optimizer_bytes": 2 * grad + 4 * len(params)}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

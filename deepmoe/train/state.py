@@ -5,6 +5,8 @@
         train_config.json                                     the run's resolved TrainConfig
         trainer_state/optimizer.safetensors                   AdamW moments and step per parameter, RNG state
         trainer_state/state.json                              step, tokens, counters, data-sampler position
+A LoRA run's checkpoint holds its adapter (`adapter/`, peft's layout) instead of the model: the base it
+applies to is the run's unchanged starting model (see deepmoe.posttrain.lora).
 A checkpoint is built in a hidden temp directory, every file and directory in it fsynced, and moved into
 place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at any moment leaves every
 existing checkpoint intact and never a half-written one under a step-* name; what such a crash does leave,
@@ -18,6 +20,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +51,36 @@ _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
+# writes a checkpoint's model part into a directory: (path, model, tokenizer, cfg, config_name)
+ModelWriter = Callable[[Path, DeepSeekModel, Tokenizer, Any, str], None]
+
+
 def write_model_dir(path: Path, model: DeepSeekModel, tokenizer: Tokenizer, cfg: TrainConfig,
                     config_name: str = TRAIN_CONFIG) -> None:
     """What `deepmoe.load_pretrained`, `deepmoe generate` and serving read: weights in fp32 (the master
     copy, so a resume is exact), config, tokenizer, and the run's config (for pretraining the
     train_config.json `deepmoe eval` reads; fine-tuning runs save theirs under their own name)."""
     save_pretrained(model, path)
+    write_run_files(path, tokenizer, cfg, config_name)
+
+
+def write_run_files(path: Path, tokenizer: Tokenizer, cfg: Any, config_name: str = TRAIN_CONFIG) -> None:
+    """The tokenizer and the run's config, beside whatever form the weights take (a model or an adapter)."""
     tokenizer.save(path)
     atomic_write_text(path / config_name, json.dumps(cfg.to_dict(), indent=2))
 
 
 def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig, state: dict[str, Any], also_keep_up_to: int | None = None,
-                    config_name: str = TRAIN_CONFIG) -> Path:
+                    config_name: str = TRAIN_CONFIG, write_model: ModelWriter = write_model_dir) -> Path:
     """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints and
-    the newest at or before step `also_keep_up_to` (while the run is blowing up: the one to resume from)."""
+    the newest at or before step `also_keep_up_to` (while the run is blowing up: the one to resume from).
+    `write_model` writes the model part (a LoRA run writes its adapter: the base cannot change)."""
     root = mkdir(run_dir / CHECKPOINTS)
     final = root / f"step-{state['step']:07d}"
     tmp = mkdtemp(prefix=f".{final.name}.", dir=root)
     try:
-        write_model_dir(tmp, model, tokenizer, cfg, config_name)
+        write_model(tmp, model, tokenizer, cfg, config_name)
         mkdir((tmp / STATE_JSON).parent)
         tensors = _optimizer_tensors(model, optimizer) | _rng_tensors()
         atomic_write(tmp / STATE_TENSORS, lambda path: save_file(tensors, path))
@@ -134,8 +147,8 @@ def remove_interrupted_saves(run_dir: Path) -> list[Path]:
 
 
 def load_trainer_state(ckpt: Path, model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore the optimizer moments and RNG from `ckpt` (the model weights are loaded by load_pretrained)
-    and return the JSON state."""
+    """Restore the optimizer moments and RNG from `ckpt` (the weights are loaded by load_pretrained, a LoRA
+    run's adapter by load_adapter) and return the JSON state."""
     try:
         state = json.loads((ckpt / STATE_JSON).read_text())
         tensors = load_file(str(ckpt / STATE_TENSORS))

@@ -62,6 +62,10 @@ def steps() -> list[Step]:
              ["bash", "-c", f"{PY} -m deepmoe.cli train --steps 2 --eval-every 2 --eval-batches 1 --out /tmp/suite-mtp "
               f">/dev/null && {PY} {b}decode.py --model /tmp/suite-mtp/final --prompt 'import os' --new-tokens 8 "
               "--rounds 1"], 180),
+        Step("rollout ref-813M, P 8 x G 8, 256 new",
+             [PY, b + "rollout.py", "--device", "cuda", "--preset", "ref-813M", "--prompts", "8", "--generations", "8",
+              "--new-tokens", "256", "--rounds", "3"],
+             [PY, b + "rollout.py", "--prompts", "2", "--generations", "2", "--new-tokens", "4", "--rounds", "1"], 150),
         Step("serve ref-813M, 64 concurrent",
              [PY, b + "serve.py", "--device", "cuda", "--preset", "ref-813M", "--requests", "64", "--new-tokens", "128"],
              [PY, b + "serve.py", "--requests", "4", "--new-tokens", "4", "--rounds", "1"], 150),

@@ -161,3 +161,31 @@ def test_grouped_gemm_low_rank_updates_match_definition(n_tokens, sync_free):
     with torch.no_grad():
         got = ex(x.cuda().bfloat16(), indices.cuda(), weights.cuda(), sync_free=sync_free, updates=on_gpu)
     torch.testing.assert_close(got.float().cpu(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_grpo_rollout_engine_follows_the_trained_weights_under_cuda_graphs(tmp_path):
+    """GRPO on CUDA: the bf16 rollout copy replays CUDA graphs captured before training; after optimizer steps
+    and in-place syncs, its greedy tokens equal those of a fresh engine on the written model (bf16, graphs)."""
+    from deepmoe.engine.llm import LLM
+    from deepmoe.posttrain.config import GRPOConfig, resolve
+    from deepmoe.posttrain.grpo import GRPOTrainer
+
+    from .posttrain_fixtures import TASK, micro_model_dir
+
+    base = micro_model_dir(tmp_path / "base")
+    cfg = resolve(GRPOConfig(model=str(base), task=TASK, task_examples=32, out=str(tmp_path / "run"), batch_size=2,
+                             num_generations=4, steps=3, max_new_tokens=12, eval_problems=0, progress=False,
+                             plots=False, lr=1e-2, device="cuda"), True)
+    trainer = GRPOTrainer(cfg)
+    prompt = trainer.data.train.ids[0]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    trainer.rollout.generate([prompt], 1, greedy, [0])  # captures the decode graphs on the starting weights
+    for _ in range(3):
+        trainer.train_step()
+    after = trainer.rollout.generate([prompt], 1, greedy, [0])[0][0].token_ids
+    final = trainer.write_final()
+    fresh = LLM(final, device="cuda", dtype=torch.bfloat16).generate([prompt], greedy)[0].token_ids
+    assert after == fresh
+    engine = dict(trainer.rollout.model.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(engine[name], p.to(engine[name].dtype)), name

@@ -161,6 +161,7 @@ class GRPOTrainer(SFTTrainer):
             self.reference = load_pretrained(cfg.model, device=self.device, dtype=torch.float32,
                                              load_mtp=False).eval().requires_grad_(False)
         self.state.setdefault("no_signal_steps", 0)
+        self.final_accuracy: dict[str, Any] | None = None
         self.eval_problems = (self.task.problems("test", cfg.eval_problems, cfg.seed)
                               if self.task is not None and cfg.eval_problems else [])
 
@@ -378,10 +379,18 @@ class GRPOTrainer(SFTTrainer):
                       f"is 0 and the step taught nothing ({st['no_signal_steps']} such steps so far). Raise the "
                       "temperature or num_generations, or start from a model that solves some problems.")
 
+    def task_accuracy(self, model_dir):
+        r = super().task_accuracy(model_dir)
+        if r is not None and self.state["step"] >= self.cfg.steps:
+            self.final_accuracy = r  # the written model's: the last point of the held-out curve
+        return r
+
     def write_plots(self) -> list[Path]:
         from .grpo_plots import write_grpo_plots
 
-        return write_grpo_plots(self.run_dir)
+        # held-out accuracy before training and of the final model: the same problems as every periodic evaluation
+        points = [(0, self.state.get("accuracy_before")), (self.state["step"], self.final_accuracy)]
+        return write_grpo_plots(self.run_dir, [(step, r["accuracy"]) for step, r in points if r is not None])
 
     def summary_extra(self) -> dict[str, Any]:
         """How the reward moved: means over the first and last tenth of the steps, and a verdict."""

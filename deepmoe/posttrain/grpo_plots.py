@@ -34,7 +34,9 @@ def read_records(path: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def write_grpo_plots(run_dir) -> list[Path]:
+def write_grpo_plots(run_dir, held_out: list[tuple[int, float]] = ()) -> list[Path]:
+    """held_out: (step, accuracy) points measured outside the run's eval records (before training, of the
+    final model), drawn on the held-out curve with them."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -43,6 +45,7 @@ def write_grpo_plots(run_dir) -> list[Path]:
     train, evals = read_records(run_dir / "metrics.jsonl")
     if not train:
         return []
+    evals = sorted(evals + [{"step": step, "accuracy": acc} for step, acc in held_out], key=lambda r: r["step"])
     return [_save(_reward_figure(train, evals), run_dir / "reward.png"),
             _save(_length_figure(train), run_dir / "length.png")]
 

@@ -433,7 +433,7 @@ GRPO_HELP = {
     "batch_size": "prompts per step (each gets --num-generations completions)",
     "grad_accum": "micro-batches a step's completions are split into (memory)",
     "steps": "rollout batches (each one or --num-iterations optimizer steps)",
-    "lr": "learning rate (default: 1e-4 for hidden_size <= 512, else 1e-6)",
+    "lr": "learning rate (default: 2e-5 for hidden_size <= 512, else 1e-6)",
     "warmup_steps": "linear warmup (default: 5%% of the steps)",
     "bias_update_rate": "gamma of aux-loss-free balancing from the rollouts' expert loads (0: the bias stays)",
     "seed": "seed of prompt order and rollout sampling",
@@ -618,7 +618,8 @@ def cmd_grpo(args) -> int:
     _print_posttrain_summary(summary, cfg.out)
     if "reward_first" in summary:
         verdict = ("" if summary["reward_moved"] else
-                   "  -- the reward did not move: check the reward functions, the temperature and the lr")
+                   "  -- the rollout reward did not move; if held-out accuracy did not either, check the reward "
+                   "functions, the temperature and the lr")
         print(f"reward    {summary['reward_first']:.3f} over the first tenth of the steps -> "
               f"{summary['reward_last']:.3f} over the last tenth{verdict}")
         if summary["no_signal_steps"]:

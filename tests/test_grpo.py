@@ -199,6 +199,24 @@ def test_micro_batches_sum_to_the_whole_step(base, tmp_path, monkeypatch):
     assert not t1.rollout.engine.blocks.by_hash  # the prefix cache was forgotten with the old weights
 
 
+def test_engine_copy_decodes_like_the_written_model(base, tmp_path):
+    """After optimizer steps and syncs, the rollout engine's greedy tokens are a fresh engine's on the model
+    GRPO writes: periodic evaluations (engine copy) and the final one (written model) measure one model."""
+    from deepmoe.engine.llm import LLM
+    from deepmoe.engine.sequence import SamplingParams
+
+    (tmp_path / "sevens.py").write_text(REWARD_FILE)
+    trainer = GRPOTrainer(config(base, tmp_path / "run", steps=3, rewards=(f"{tmp_path / 'sevens.py'}:chars",)))
+    prompts = trainer.data.train.ids[:3]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    start = [g[0].token_ids for g in trainer.rollout.generate(prompts, 1, greedy, [0] * 3)]
+    for _ in range(3):
+        trainer.train_step()
+    after = [g[0].token_ids for g in trainer.rollout.generate(prompts, 1, greedy, [0] * 3)]
+    fresh = [o.token_ids for o in LLM(trainer.write_final(), device="cpu", dtype=torch.float32).generate(prompts, greedy)]
+    assert after == fresh and after != start
+
+
 def test_resume_is_bit_identical(base, tmp_path, monkeypatch):
     ref_out, out = tmp_path / "ref", tmp_path / "crashed"
     args = ["grpo", "--model", str(base), "--task", TASK, "--task-examples", "32", "--batch-size", "2",

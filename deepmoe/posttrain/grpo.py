@@ -361,12 +361,12 @@ class GRPOTrainer(SFTTrainer):
         figure comes from the written model directory instead (run's `accuracy`)."""
         if full or not self.eval_problems:
             return None
-        from ..tasks.evaluate import score
+        from ..tasks.evaluate import score as score_answers
 
         outs = self.rollout.generate([prompt_ids(self.tokenizer, p) for p in self.eval_problems], 1,
                                      SamplingParams(temperature=0.0, max_tokens=self.cfg.max_new_tokens),
                                      [0] * len(self.eval_problems))
-        r = score(self.task, self.eval_problems, [g[0].text for g in outs])
+        r = score_answers(self.task, self.eval_problems, [g[0].text for g in outs])
         self.metrics.write({"kind": "eval", "step": self.state["step"], "accuracy": r["accuracy"],
                             "well_formed": r["format"], "mean_reward": r["mean_reward"]})
         self.echo(f"step {self.state['step']:>6}  held-out exact match {r['accuracy']:.1%}, well-formed {r['format']:.1%}")

@@ -215,6 +215,10 @@ def test_engine_copy_decodes_like_the_written_model(base, tmp_path):
     after = [g[0].token_ids for g in trainer.rollout.generate(prompts, 1, greedy, [0] * 3)]
     fresh = [o.token_ids for o in LLM(trainer.write_final(), device="cpu", dtype=torch.float32).generate(prompts, greedy)]
     assert after == fresh and after != start
+    # its cache holds one rollout batch at its longest (and a quarter), not the engine's memory-sized default
+    longest = max(map(len, trainer.data.train.ids)) + 12
+    slots = len(trainer.rollout.engine.blocks.blocks) * trainer.rollout.engine.blocks.block_size
+    assert 2 * 4 * longest <= slots <= 2 * 4 * (longest + 16) * 1.25 + 16
 
 
 def test_resume_is_bit_identical(base, tmp_path, monkeypatch):

@@ -150,9 +150,10 @@ class GRPOTrainer(SFTTrainer):
                 raise ValueError("GRPO's rollout engine syncs plain weights; a model with LoRA adapters is not "
                                  "supported here (merge the adapter first: deepmoe merge)")
             # the engine's copy is taken here: after loading, before training transforms wrap the blocks
-            self.rollout = RolloutEngine(model, self.tokenizer, engine_dtype(cfg.device),
-                                         max_num_seqs=cfg.batch_size * cfg.num_generations,
-                                         max_num_batched_tokens=max(4096, cfg.seq_len))
+            n_seqs = cfg.batch_size * cfg.num_generations
+            self.rollout = RolloutEngine(model, self.tokenizer, engine_dtype(cfg.device), max_num_seqs=n_seqs,
+                                         max_num_batched_tokens=max(4096, cfg.seq_len),
+                                         kv_cache_bytes=self.cache_bytes(model, n_seqs))
 
         super().__init__(cfg, resume, hook)
         self.rewards = self.build_rewards()
@@ -164,6 +165,18 @@ class GRPOTrainer(SFTTrainer):
         self.final_accuracy: dict[str, Any] | None = None
         self.eval_problems = (self.task.problems("test", cfg.eval_problems, cfg.seed)
                               if self.task is not None and cfg.eval_problems else [])
+
+    def cache_bytes(self, model: DeepSeekModel, n_seqs: int) -> int:
+        """A paged cache for one rollout batch at its longest (every prompt at the longest prompt's length,
+        every completion at max_new_tokens), with a quarter more for block rounding and evaluation batches.
+        Not the engine's default: on CUDA that takes most of the free memory, which the training step
+        that follows each rollout needs."""
+        from ..engine.kv_cache import bytes_per_block
+
+        block = 16
+        longest = max(map(len, self.data.train.ids)) + self.cfg.max_new_tokens
+        blocks = n_seqs * -(-longest // block)
+        return int(1.25 * blocks) * bytes_per_block(model.config, block, engine_dtype(self.cfg.device))
 
     # ---- data and rewards --------------------------------------------------------------------------
     def build_data(self) -> GRPOData:

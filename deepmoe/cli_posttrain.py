@@ -46,7 +46,8 @@ SFT_HELP = {
                  "and RUN/final as the model with it merged (default: none, full fine-tuning)",
     "lora_alpha": "LoRA: the update is scaled by alpha / rank (default: 2 x rank)",
     "lora_targets": "LoRA: comma-separated layers to adapt, as peft names them: all-linear (attention, dense and "
-                    "shared-expert MLPs), experts (routed experts), gate (routers), q_a_proj, o_proj, ...",
+                    "shared-expert MLPs), experts (routed experts), gate (routers), embed_tokens, lm_head, "
+                    "q_a_proj, o_proj, ...",
     "lora_dropout": "LoRA: dropout on the input of the linear layers' adapters",
     "device": "cpu, cuda or cuda:N (default: cuda if available)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",

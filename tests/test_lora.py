@@ -7,22 +7,22 @@ import torch
 from deepmoe.engine.llm import LLMEngine
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.lora import LoraConfig, LoraExperts, LoraLinear, apply_lora, merge_lora, trainable_parameters
-from deepmoe.lora.layers import LoraRouter
+from deepmoe.lora.layers import LoraEmbedding, LoraRouter
 from deepmoe.model import build_model
 from deepmoe.tokenizer import train_bpe
 
 from .conftest import naive_greedy, rel_err, v2_config, v3_config
 
 CONFIGS = pytest.mark.parametrize("make_cfg", [v2_config, v3_config], ids=["v2", "v3"])
-EVERYTHING = ("all-linear", "experts", "gate")
+EVERYTHING = ("all-linear", "experts", "gate", "embed_tokens", "lm_head")
 
 
 def _randomize_b(model, seed=3, std=0.05):
-    """A trained-looking adapter: B away from its zero init."""
+    """A trained-looking adapter: the zero factor (B; the embedding's A) away from its zero init."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
+            if name.endswith(("lora_B", "lora_embedding_A")):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -47,7 +47,8 @@ def test_only_the_adapter_trains(make_cfg):
     report = apply_lora(model, LoraConfig(rank=4, alpha=8, targets=EVERYTHING, dropout=0.1))
     _randomize_b(model)  # with B = 0 the gradient of A is exactly zero
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert trainable and all(n.endswith(("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"))
+                             for n in trainable)
     assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -63,7 +64,7 @@ def test_only_the_adapter_trains(make_cfg):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     for name, p in model.named_parameters():  # base weights bit-identical after training
-        if not name.endswith(("lora_A", "lora_B")):
+        if "lora_" not in name:
             assert torch.equal(p, before[name.replace(".base_layer", "")]), name
 
 
@@ -81,7 +82,7 @@ def test_absorbed_attention_and_merge_see_the_update(make_cfg):
         assert rel_err(adapted, base) > 1e-2  # the adapter matters
         assert rel_err(adapted, model(x, absorb=True)) <= 1e-5
         merge_lora(model)
-        assert not any(isinstance(m, (LoraLinear, LoraExperts)) for m in model.modules())
+        assert not any(isinstance(m, (LoraLinear, LoraEmbedding, LoraExperts)) for m in model.modules())
         assert rel_err(adapted, model(x)) <= 1e-5 and rel_err(adapted, model(x, absorb=True)) <= 1e-5
 
 
@@ -139,7 +140,7 @@ def test_trainable_counts_are_the_factor_sizes():
 @pytest.mark.parametrize("targets, message", [
     (("q_proj",), "'q_proj' match no layer"),  # V3 compresses queries: q_a_proj / q_b_proj
     (("all-linear", "experts.up_proj"), "'experts.up_proj' match no layer"),  # fused: experts.gate_up_proj
-    (("lm_head",), "'lm_head' match no layer"),
+    (("all-linear", "mtp.0.eh_proj"), "'mtp.0.eh_proj' match no layer"),  # MTP modules are not adapted
 ])
 def test_a_target_that_matches_nothing_is_an_error(targets, message):
     model = build_model(v3_config(), seed=0)

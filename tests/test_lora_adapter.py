@@ -110,6 +110,14 @@ def test_merge_writes_a_checkpoint_with_the_adapters_logits(tmp_path):
         assert rel_err(want, merged(x)) <= TOL
         assert rel_err(merge_lora(model)(x), merged(x)) <= TOL  # in memory: the same merge
     assert torch.equal(merged.mtp[0].eh_proj.weight, base.mtp[0].eh_proj.weight)
+    # the file's MTP copies of the embedding and head took the same update as the main ones
+    files = {}
+    for f in (tmp_path / "merged").glob("*.safetensors"):
+        files.update(load_file(f))
+    L = v3_config().num_hidden_layers
+    assert not torch.equal(files["model.embed_tokens.weight"], base.model.embed_tokens.weight)
+    assert torch.equal(files[f"model.layers.{L}.embed_tokens.weight"], files["model.embed_tokens.weight"])
+    assert torch.equal(files[f"model.layers.{L}.shared_head.head.weight"], files["lm_head.weight"])
     assert (tmp_path / "merged" / "tokenizer.json").read_text() == "{}"
     # an adapter without a recorded base needs one given
     anonymous = _adapted()
@@ -174,10 +182,11 @@ ATTENTION = {"deepseek_v2": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_pro
 
 
 @HF_CONFIGS
-@pytest.mark.parametrize("how", ["v4_names", "expert_params", "all_linear_rslora"])
+@pytest.mark.parametrize("how", ["v4_names", "expert_params", "all_linear_rslora", "embedding_head"])
 def test_we_load_adapters_peft_trained_on_transformers(make_hf_cfg, how, tmp_path):
     """What peft users write: v4-era module names (peft converts gate/up/down into the fused experts, rank
-    doubled, block-diagonal B), expert parameters directly, or "all-linear" (routers included) with rsLoRA.
+    doubled, block-diagonal B), expert parameters directly, "all-linear" (routers included) with rsLoRA, or
+    the embedding and head named as modules.
     Loaded here they give peft's logits; saved again, peft reads our copy to the same logits."""
     peft = pytest.importorskip("peft")
     hf = hf_random_model(make_hf_cfg())
@@ -185,7 +194,8 @@ def test_we_load_adapters_peft_trained_on_transformers(make_hf_cfg, how, tmp_pat
     attention = ATTENTION[hf.config.model_type]
     kw = {"v4_names": dict(target_modules=attention + ["gate_proj", "up_proj", "down_proj"]),
           "expert_params": dict(target_modules=attention, target_parameters=["gate_up_proj", "down_proj"]),
-          "all_linear_rslora": dict(target_modules="all-linear", use_rslora=True)}[how]
+          "all_linear_rslora": dict(target_modules="all-linear", use_rslora=True),
+          "embedding_head": dict(target_modules=attention + ["embed_tokens", "lm_head"])}[how]
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, **kw)).eval()
     _randomize_peft(theirs)
     theirs.save_pretrained(tmp_path / "theirs")
@@ -205,5 +215,34 @@ def _randomize_peft(model, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # the factors peft starts at zero
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_an_embedding_weight_saved_in_the_adapter_replaces_the_base_one(tmp_path):
+    """peft saves the base weight of a targeted embedding or head with the adapter (for resized vocabularies)
+    and loads it in place of the base's: load_adapter, LLM(adapter=) and merge do the same, so a file whose
+    copy differs from the base gives peft's model, not the base's."""
+    peft = pytest.importorskip("peft")
+    hf = hf_random_model(hf_v3_config())
+    hf.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"]))
+    _randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    file = tmp_path / "theirs" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors and "base_model.model.lm_head.base_layer.weight" in tensors
+    tensors[key] = tensors[key] * 1.5  # as if the embedding had been retrained or resized
+    save_file(tensors, file, metadata={"format": "pt"})
+    want = peft.PeftModel.from_pretrained(hf_random_model(hf_v3_config()), tmp_path / "theirs").eval()
+    ours = deepmoe.load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    load_adapter(ours, tmp_path / "theirs")
+    merge_adapter(tmp_path / "theirs", tmp_path / "merged", base=tmp_path / "base")
+    merged = deepmoe.load_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    x = _ids()
+    with torch.no_grad():
+        w = want(x).logits
+        assert rel_err(w, ours(x)) <= TOL and rel_err(w, merged(x)) <= TOL
+        plain = deepmoe.load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+        assert rel_err(w, plain(x)) > 1e-2

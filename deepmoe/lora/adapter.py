@@ -3,6 +3,8 @@
 Keys and shapes are the ones peft gives the same adapter on transformers' DeepseekV2/V3 model, so peft
 loads our files onto transformers and we load peft's:
   - a linear layer P: `base_model.model.P.lora_A.weight` (r, in) and `.lora_B.weight` (out, r);
+  - the embedding: `base_model.model.model.embed_tokens.lora_embedding_A` (r, vocab) and
+    `.lora_embedding_B` (d, r), no `.weight` suffix (peft keeps them as bare parameters);
   - the routed experts P (transformers' stacked `gate_up_proj` (E, 2·inter, d) and `down_proj` (E, d, inter)),
     one peft `ParamWrapper` per targeted parameter, nested in registration order, so with both targeted
     gate_up_proj's factors sit under `P.base_layer.lora_*` and down_proj's under `P.lora_*` (with one, under
@@ -29,8 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..durable import atomic_write_text, fsync_file, mkdir, mkdtemp, replace_dir
-from .apply import LoraReport, Plan, lora_layers, lora_report, resolve_plan, wrap
-from .layers import LoraLinear
+from .apply import OUTSIDE_STACK, LoraReport, Plan, lora_layers, lora_report, resolve_plan, wrap
+from .layers import LoraEmbedding, LoraLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,6 +54,11 @@ def _layout(model: nn.Module, plan: Plan) -> dict[str, tuple[str, str, str, tupl
     out = {}
     for path, projs in plan.items():
         layer = _base(model, path)
+        if isinstance(layer, nn.Embedding):
+            r, (v, d) = projs["weight"][0], layer.weight.shape
+            out[f"{PREFIX}{path}.lora_embedding_A"] = (path, "weight", "A", (r, v))
+            out[f"{PREFIX}{path}.lora_embedding_B"] = (path, "weight", "B", (d, r))
+            continue
         if "weight" in projs:  # a linear layer or a router
             r, (o, i) = projs["weight"][0], layer.weight.shape
             out[f"{PREFIX}{path}.lora_A.weight"] = (path, "weight", "A", (r, i))
@@ -91,9 +98,9 @@ def current_plan(model: nn.Module) -> tuple[Plan, float]:
     plan: Plan = {}
     dropout = 0.0
     for path, layer in lora_layers(model):
-        if isinstance(layer, LoraLinear):
+        if isinstance(layer, (LoraLinear, LoraEmbedding)):
             plan[path] = {"weight": (layer.rank, layer.alpha)}
-            dropout = max(dropout, getattr(layer.dropout, "p", 0.0))  # routers have none
+            dropout = max(dropout, getattr(getattr(layer, "dropout", None), "p", 0.0))  # routers, embedding: none
         else:
             plan[path] = {proj: (pair.rank, pair.alpha) for proj, pair in
                           (("gate_up_proj", layer.gate_up), ("down_proj", layer.down)) if pair is not None}
@@ -102,6 +109,8 @@ def current_plan(model: nn.Module) -> tuple[Plan, float]:
 
 def _factor(model: nn.Module, path: str, proj: str, which: str) -> nn.Parameter:
     layer = model.get_submodule(path)
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A if which == "A" else layer.lora_embedding_B
     owner = layer if isinstance(layer, LoraLinear) else layer.gate_up if proj == "gate_up_proj" else layer.down
     return owner.lora_A if which == "A" else owner.lora_B
 
@@ -200,7 +209,10 @@ def adapter_plan(model: nn.Module, cfg: dict, where: str = "adapter") -> Plan:
 
 def read_adapter_tensors(model: nn.Module, path: str | os.PathLike, plan: Plan
                          ) -> dict[tuple[str, str, str], torch.Tensor]:
-    """(path, projection, "A"/"B") → factor in our layout, every key and shape checked against `plan`."""
+    """(path, projection, "A"/"B") → factor in our layout, every key and shape checked against `plan`.
+    (path, "weight", "base") → the base weight of the embedding or head where the file carries one: peft
+    saves those of targeted embedding layers (by default, in case the vocabulary was resized), and loading
+    puts them in place of the base's, so they are part of the adapted model."""
     path = Path(path)
     file = path / WEIGHTS_NAME
     if not file.is_file():
@@ -208,18 +220,24 @@ def read_adapter_tensors(model: nn.Module, path: str | os.PathLike, plan: Plan
             path / "adapter_model.bin").is_file() else ""
         raise AdapterError(f"{path} has no {WEIGHTS_NAME}{hint}")
     layout = _layout(model, plan)
+    for p in OUTSIDE_STACK:  # optional: peft also saves a targeted embedding's or head's base weight
+        if p in plan:
+            layout[f"{PREFIX}{p}.base_layer.weight"] = (p, "weight", "base", tuple(_base(model, p).weight.shape))
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for a truncated or corrupt header
         raise AdapterError(f"{file}: cannot read safetensors file ({e})") from None
     keys = set(handle.keys())
-    missing, extra = sorted(layout.keys() - keys), sorted(keys - layout.keys())
+    missing = sorted(k for k, v in layout.items() if k not in keys and v[2] != "base")
+    extra = sorted(keys - layout.keys())
     if missing or extra:
         raise AdapterError(f"{file} does not match its config on this model: "
                            + "; ".join(f"{what} {len(ks)} key(s), e.g. {ks[0]}"
                                        for what, ks in (("missing", missing), ("unexpected", extra)) if ks))
     out = {}
     for key, (p, proj, which, shape) in layout.items():
+        if key not in keys:
+            continue
         t = handle.get_tensor(key)
         if tuple(t.shape) != shape:
             raise AdapterError(f"{file}: {key} has shape {list(t.shape)}, this model expects {list(shape)} "
@@ -249,5 +267,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraReport:
         wrap(model, plan, float(cfg.get("lora_dropout") or 0.0))
     with torch.no_grad():
         for (p, proj, which), t in factors.items():
-            _factor(model, p, proj, which).copy_(t)
+            target = _base(model, p).weight if which == "base" else _factor(model, p, proj, which)
+            target.copy_(t)
     return lora_report(model)

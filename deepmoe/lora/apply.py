@@ -11,8 +11,12 @@ On the command line one list holds both: a name that mentions `experts` or `gate
 target, and `experts` alone means both expert projections; `gate` is the routers. So a bare `down_proj`
 is the dense and shared-expert layers, never the routed experts: those, and the routers, are opt-in.
 
-Only the main decoder stack (model.layers.*) is adapted: the embedding, head and MTP modules stay frozen
-base weights (transformers' model has no MTP modules for an adapter to name).
+Beyond the decoder stack (model.layers.*), the token embedding and the output head can be named
+(`embed_tokens`, `lm_head`), as peft allows; "all-linear" leaves the head out, as peft's does. They are
+worth their few parameters when the fine-tuning data uses tokens the base barely learned: the update
+gives every token its own r-vector. The MTP modules read the same embedding and head, so they see the
+adapted ones; their own layers are never adapted (transformers' model has no MTP modules for an adapter
+to name).
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ from torch import nn
 
 from ..model.experts import Experts
 from ..model.router import Gate
-from .layers import LoraExperts, LoraLinear, LoraRouter
+from .layers import LoraEmbedding, LoraExperts, LoraLinear, LoraRouter
 
 ALL_LINEAR = "all-linear"
+OUTSIDE_STACK = ("model.embed_tokens", "lm_head")  # adaptable when named, never by all-linear
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+LORA_MODULES = (LoraLinear, LoraEmbedding, LoraExperts)
 
 # path → {projection: (rank, alpha)}; the projection is "weight" for a linear layer or a router, else one of
 # EXPERT_PARAMS for the routed experts
@@ -97,12 +104,15 @@ def _matches(name: str, target: str) -> bool:
 
 
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, layer) of every adaptable layer of the main stack, wrapped or not."""
+    """(path, layer) of every adaptable layer, wrapped or not: the main stack's, then the embedding and head."""
     for name, module in model.model.layers.named_modules(prefix="model.layers"):
         if isinstance(module, (nn.Linear, Experts, Gate)) and not name.endswith(".base_layer"):
             yield name, module
         elif isinstance(module, (LoraLinear, LoraExperts)):  # a LoraRouter is a LoraLinear
             yield name, module.base_layer
+    for name in OUTSIDE_STACK:
+        module = model.get_submodule(name)
+        yield name, getattr(module, "base_layer", module)
 
 
 def _param_names(path: str, layer: nn.Module) -> list[tuple[str, str]]:
@@ -134,8 +144,8 @@ def resolve_plan(model: nn.Module, modules: str | Iterable[str] | None, params: 
         plan.setdefault(path, {})[proj] = (int(r), float(a))
 
     for path, layer in _candidates(model):
-        if isinstance(layer, nn.Linear):
-            hit = [t for t in module_list if t == ALL_LINEAR or _matches(path, t)]
+        if isinstance(layer, (nn.Linear, nn.Embedding)):
+            hit = [t for t in module_list if (t == ALL_LINEAR and path not in OUTSIDE_STACK) or _matches(path, t)]
             if hit or (regex is not None and regex.fullmatch(path)):
                 used.update(hit)
                 add(path, "weight", path)
@@ -147,6 +157,10 @@ def resolve_plan(model: nn.Module, modules: str | Iterable[str] | None, params: 
     unmatched = [t for t in [*module_list, *params] if t not in used]
     if regex is not None and not plan:
         unmatched.append(modules)
+    tied = [p for p in OUTSIDE_STACK if p in plan and getattr(model.config, "tie_word_embeddings", False)]
+    if tied:
+        raise ValueError(f"LoRA on {', '.join(tied)}: this model ties its head to its embedding "
+                         f"(tie_word_embeddings), and one matrix cannot take two adapters; adapt neither")
     if unmatched:
         raise ValueError(f"LoRA target(s) {', '.join(map(repr, unmatched))} match no layer of this model. "
                          f"It has: {', '.join(available_targets(model))} (a target matches a path that ends in "
@@ -162,6 +176,8 @@ def available_targets(model: nn.Module) -> list[str]:
             names.update({f"experts.{p}": None for p in EXPERT_PARAMS})
         elif isinstance(layer, Gate):
             names["gate"] = None
+        elif path in OUTSIDE_STACK:
+            names[path.rsplit(".", 1)[-1]] = None
         else:
             names[path.rsplit(".", 1)[-1]] = None
     return list(names)
@@ -180,26 +196,34 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> LoraReport:
 def wrap(model: nn.Module, plan: Plan, dropout: float = 0.0, seed: int = 0) -> None:
     """Freeze the model and put adapters on the layers of `plan` (in model order, so a seed gives the same
     initial adapter every time)."""
-    if any(isinstance(m, (LoraLinear, LoraExperts)) for m in model.modules()):
+    if any(isinstance(m, LORA_MODULES) for m in model.modules()):
         raise ValueError("the model already carries LoRA adapters: merge_lora(model) first, or load into them "
                          "with load_adapter")
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     for path, projs in plan.items():
-        parent_path, name = path.rsplit(".", 1)
-        parent, layer = model.get_submodule(parent_path), model.get_submodule(path)
+        parent, name = _parent(model, path)
+        layer = model.get_submodule(path)
         if isinstance(layer, Experts):
             new = LoraExperts(layer, projs.get("gate_up_proj"), projs.get("down_proj"), gen)
         elif isinstance(layer, Gate):
             new = LoraRouter(layer, *projs["weight"], gen)
+        elif isinstance(layer, nn.Embedding):
+            new = LoraEmbedding(layer, *projs["weight"], gen)
         else:
             new = LoraLinear(layer, *projs["weight"], dropout, gen)
         setattr(parent, name, new)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | LoraExperts]]:
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding `path`'s layer, and the attribute name it holds it under ("lm_head": the model)."""
+    parent_path, _, name = path.rpartition(".")
+    return model.get_submodule(parent_path), name
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear | LoraEmbedding | LoraExperts]]:
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLinear, LoraExperts)):
+        if isinstance(module, LORA_MODULES):
             yield name, module
 
 
@@ -208,6 +232,7 @@ def lora_report(model: nn.Module) -> LoraReport:
     layers = 0
     for path, layer in lora_layers(model):
         kind = ("routed experts" if isinstance(layer, LoraExperts) else "router" if isinstance(layer, LoraRouter)
+                else "embedding" if isinstance(layer, LoraEmbedding) else "head" if path == "lm_head"
                 else "attention" if ".self_attn." in path else "shared experts" if ".shared_experts." in path
                 else "dense MLP")
         n = sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)
@@ -230,9 +255,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     and put the plain layers back: the model is then an ordinary one, with every fast path of the engine
     and nothing per token for the adapter. Parameters stay frozen. Returns `model`."""
     for path, layer in list(lora_layers(model)):
-        parent_path, name = path.rsplit(".", 1)
+        parent, name = _parent(model, path)
         base = layer.base_layer
-        if isinstance(layer, LoraLinear):
+        if isinstance(layer, (LoraLinear, LoraEmbedding)):
             _add(base.weight, layer.delta())
         else:
             I = layer.inter
@@ -241,7 +266,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 _add(base.up_proj, layer.gate_up.delta(slice(I, 2 * I)))
             if layer.down is not None:
                 _add(base.down_proj, layer.down.delta())
-        setattr(model.get_submodule(parent_path), name, base)
+        setattr(parent, name, base)
     return model
 
 

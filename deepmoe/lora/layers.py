@@ -1,6 +1,7 @@
 """The LoRA modules: a frozen layer plus a trainable low-rank update, y = W·x + (α/r)·B·A·x.
 
-`LoraLinear` wraps an nn.Linear (attention projections, dense MLPs, shared experts); `LoraRouter` a
+`LoraLinear` wraps an nn.Linear (attention projections, dense MLPs, shared experts, the output head);
+`LoraEmbedding` the token embedding (a learned r-vector per token, mapped to d by B); `LoraRouter` a
 router's (E, d) weight, its logits still in fp32 (opt-in: routers stay frozen by default). `LoraExperts`
 wraps the stacked routed experts with one (A, B) pair per expert and hands them to the experts' grouped
 computation as `LowRank` updates, so every expert formulation (grouped GEMM, padded, active groups,
@@ -65,6 +66,46 @@ class LoraLinear(nn.Module):
     def delta(self) -> torch.Tensor:
         """(α/r)·B·A in fp32 (out, in): what merging adds to the base weight."""
         return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+
+class LoraEmbedding(nn.Module):
+    """The token embedding plus a low-rank update: row t of the table becomes E[t] + (α/r)·B·A[:, t].
+
+    peft's layout and initialisation for embeddings: lora_embedding_A (r, vocab) starts at zero and
+    lora_embedding_B (d, r) random, the transpose of a linear layer's roles, because A is indexed by the
+    token (a lookup, not a matmul) and the zero factor must be the one that makes the start exact."""
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float, gen: torch.Generator | None = None):
+        super().__init__()
+        self.base_layer = base
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        vocab, dim = base.weight.shape
+        device = base.weight.device
+        if torch.device(device).type == "meta":
+            self.lora_embedding_A = nn.Parameter(torch.empty(rank, vocab, device="meta"))
+            self.lora_embedding_B = nn.Parameter(torch.empty(dim, rank, device="meta"))
+            return
+        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, vocab, dtype=torch.float32, device=device))
+        # peft draws B from N(0, 1); at scale α/r that makes the first steps' updates large for a
+        # small-norm embedding, so B is drawn at the embedding's own scale instead (B is what A multiplies,
+        # so this only sets the size of an update per unit of A, never the starting output)
+        std = float(base.weight.detach().float().std()) or 1.0
+        self.lora_embedding_B = nn.Parameter((torch.randn(dim, rank, generator=gen) * std).to(device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        t = F.embedding(ids, self.lora_embedding_A.t())  # (..., r)
+        return y + (self.scale * F.linear(t, self.lora_embedding_B)).to(y.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """E + (α/r)·(B·A)ᵀ (vocab, d), for code that reads the table itself. Differentiable."""
+        w = self.base_layer.weight
+        return (w + (self.scale * (self.lora_embedding_B @ self.lora_embedding_A).t()).to(w.dtype)).contiguous()
+
+    def delta(self) -> torch.Tensor:
+        """(α/r)·(B·A)ᵀ in fp32 (vocab, d): what merging adds to the table."""
+        return self.scale * (self.lora_embedding_B.detach().float() @ self.lora_embedding_A.detach().float()).t()
 
 
 class LoraRouter(LoraLinear):

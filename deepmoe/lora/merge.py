@@ -22,7 +22,11 @@ from ..convert import SIDE_FILES
 from ..durable import fsync_file, mkdir, mkdtemp, replace_dir
 from ..model import DeepSeekModel
 from .adapter import CONFIG_NAME, AdapterError, adapter_plan, read_adapter_config, read_adapter_tensors
-from .apply import Plan
+from .apply import OUTSIDE_STACK, Plan
+
+
+def _is_mtp_copy(key: str) -> bool:
+    return key.endswith((".embed_tokens.weight", ".shared_head.head.weight")) and key.startswith("model.layers.")
 
 
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None,
@@ -45,9 +49,11 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str 
     with torch.device("meta"):  # the layer structure and shapes, nothing allocated
         skeleton = DeepSeekModel(model_cfg)
     plan = adapter_plan(skeleton, cfg, str(adapter))
-    deltas = _deltas(plan, read_adapter_tensors(skeleton, adapter, plan))
+    deltas = _deltas(plan, read_adapter_tensors(skeleton, adapter, plan), model_cfg.num_hidden_layers,
+                     model_cfg.num_nextn_predict_layers)
     files = SafetensorsFiles()
     key_files = _key_files(base, files)
+    deltas = {k: f for k, f in deltas.items() if k in key_files or not _is_mtp_copy(k)}  # MTP: may be absent
     missing = sorted(deltas.keys() - key_files.keys())
     if missing:
         raise CheckpointError(f"{base} lacks {len(missing)} weight(s) the adapter changes, e.g. {missing[0]}")
@@ -57,7 +63,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str 
         for key in sorted(key_files):
             t = files.read(key_files, key)
             if key in deltas:
-                t = (t.float() + deltas[key]()).to(t.dtype)
+                t = deltas[key](t)
             if current and size + t.nbytes > max_shard_size:
                 yield current
                 current, size = {}, 0
@@ -80,25 +86,39 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str 
     return {"tensors": len(key_files), "merged": len(deltas), "shards": n, "base": str(base)}
 
 
-def _deltas(plan: Plan, factors: dict[tuple[str, str, str], torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
-    """Checkpoint key → a function giving (α/r)·B·A for it in fp32, computed when its tensor streams by (all
-    of them at once would be another copy of every adapted weight)."""
+def _deltas(plan: Plan, factors: dict[tuple[str, str, str], torch.Tensor], n_layers: int, n_mtp: int
+            ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Checkpoint key → a function of its tensor giving the merged tensor, (α/r)·B·A computed when the tensor
+    streams by (all of them at once would be another copy of every adapted weight)."""
     out = {}
     for path, projs in plan.items():
         for proj, (r, alpha) in projs.items():
             a, b = factors[(path, proj, "A")], factors[(path, proj, "B")]
             scale = alpha / r
+            if proj == "weight" and path in OUTSIDE_STACK:
+                # the checkpoint also holds a copy of the embedding and of the head for each MTP layer, which
+                # must stay equal to the main ones; peft may have saved the weight itself, which replaces the base's
+                fn = partial(_merged, a, b, scale, path == "model.embed_tokens", factors.get((path, proj, "base")))
+                out[f"{path}.weight"] = fn
+                copy = "embed_tokens" if path == "model.embed_tokens" else "shared_head.head"
+                for j in range(n_layers, n_layers + n_mtp):
+                    out[f"model.layers.{j}.{copy}.weight"] = fn
+                continue
             if proj == "weight":
-                out[f"{path}.weight"] = partial(_delta, a, b, scale)
+                out[f"{path}.weight"] = partial(_merged, a, b, scale, False, None)
                 continue
             half = b.shape[1] // 2  # gate_up_proj's output rows: gate, then up
             parts = ({"down_proj": slice(None)} if proj == "down_proj"
                      else {"gate_proj": slice(0, half), "up_proj": slice(half, None)})
             for e in range(a.shape[0]):  # the checkpoint stores one matrix per expert
                 for name, rows in parts.items():
-                    out[f"{path}.{e}.{name}.weight"] = partial(_delta, a[e], b[e, rows], scale)
+                    out[f"{path}.{e}.{name}.weight"] = partial(_merged, a[e], b[e, rows], scale, False, None)
     return out
 
 
-def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    return scale * (b.float() @ a.float())
+def _merged(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool, replace: torch.Tensor | None,
+            w: torch.Tensor) -> torch.Tensor:
+    """w + (α/r)·B·A (transposed for an embedding: (B·A)ᵀ is (vocab, d)), summed in fp32 and rounded once
+    to w's dtype; `replace`, if given, stands in for w."""
+    d = scale * (b.float() @ a.float())
+    return ((w if replace is None else replace).float() + (d.t() if transpose else d)).to(w.dtype)

@@ -35,11 +35,38 @@ Updates = tuple[LowRank | None, LowRank | None, LowRank | None]  # for gate_proj
 NO_UPDATES: Updates = (None, None, None)
 
 
+@torch.library.custom_op("deepmoe::grouped_mm", mutates_args=())
+def _traceable_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm as an opaque op, for compiling fp32 models on CPU: the aten op's meta (tracing)
+    kernel accepts only bf16, though CPU runs fp32 too, so without this a compiled fp32 MoE layer would
+    fall back to the padded form, which reads the largest group size on the host (a graph break)."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_traceable_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:  # (M, K) x (G, K, N) -> (M, N): rows grouped
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # (K, M) x (M, N) -> (G, K, N): inner dim grouped
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors  # only the rows-grouped form is differentiated (the other is a gradient)
+    ga = _traceable_grouped_mm(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    gb = _traceable_grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+_traceable_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # the op's meta (tracing) kernel accepts only bf16, though CPU eager runs fp32 too
     if not all(_aligned(t) for t in (x, *ws)) or any(w.shape[-2] * w.element_size() % 16 for w in ws):
         return False  # the output's rows, which backward reads, must be aligned too
     if x.device.type == "cpu":
@@ -75,6 +102,8 @@ def _grouped_mm_dispatch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor)
         return _active_groups_mm(x, w, counts)
     if _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # CPU fp32 (see _traceable_grouped_mm)
+            return _traceable_grouped_mm(x, w.transpose(-2, -1), offs)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _padded_grouped_mm(x, w, counts)
 
@@ -110,6 +139,13 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor)
     return torch.cat(out)
 
 
+def count_experts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token copies per expert (E,) int64 from the copies' expert ids, on the device. A scatter-add rather
+    than bincount, whose output size depends on the data (a graph break under compile) and which reads
+    its range back to the host on CUDA."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def drop_over_capacity(flat: torch.Tensor, weights: torch.Tensor, capacity: int, n_experts: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-copy order grouped by expert, keeping at most `capacity` copies per expert (highest routing
@@ -117,7 +153,7 @@ def drop_over_capacity(flat: torch.Tensor, weights: torch.Tensor, capacity: int,
     each copy. Dropping by affinity rather than position follows DeepSeek-V2's token-dropping strategy."""
     by_weight = weights.argsort(descending=True, stable=True)
     order = by_weight[flat[by_weight].argsort(stable=True)]  # by expert, then by weight descending
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = count_experts(flat, n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # place within its expert
     # the boolean mask makes the kept count data-dependent (one host sync); dropping is opt-in, dropless is not
@@ -208,7 +244,7 @@ class Experts(nn.Module):
         flat, w = indices.reshape(-1), weights.reshape(-1)
         if capacity is None:
             order = flat.argsort(stable=True)  # token copies grouped by expert
-            counts = torch.bincount(flat, minlength=self.n_experts)
+            counts = count_experts(flat, self.n_experts)
         else:
             order, counts = drop_over_capacity(flat, w, capacity, self.n_experts)
         token = order // k
@@ -221,8 +257,15 @@ class Experts(nn.Module):
         # (index_put with accumulate) adds in a thread-dependent order on CPU and breaks bit-exact resume
         xs = x.index_select(0, token)  # (M, d), M = N·k copies (fewer after dropping)
         h = F.silu(grouped_mm(xs, gate_w, counts, updates[0])) * grouped_mm(xs, up_w, counts, updates[1])
-        ys = grouped_mm(h, down_w, counts, updates[2])  # (M, d)
-        # combine in fp32: the routing weights are fp32 and k partial sums lose bits in bf16
-        ys = ys.float() * w[order].unsqueeze(-1)
-        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys).to(x.dtype)
+        # the down projection is linear, so each copy's routing weight scales its input rather than its
+        # output: (M, inter) instead of (M, d), folded into the product that builds h (fp32, one rounding)
+        h = (h.float() * w[order].unsqueeze(-1)).to(h.dtype)
+        ys = grouped_mm(h, down_w, counts, updates[2])  # (M, d), already weighted
+        if capacity is not None:  # some copies were dropped: add the kept ones back to their tokens
+            out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+            return out.index_add_(0, token, ys.float()).to(x.dtype)
+        # dropless: every token has exactly k copies, so un-permuting is a gather (rows back to token-major
+        # order: copy j of token n at n·k + j) and the combine a sum over k, accumulated in fp32 (k partial
+        # sums lose bits in bf16). No scatter-add over N·k rows, and the backward of both is a gather too.
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return ys.index_select(0, unsort).view(N, k, -1).sum(1, dtype=torch.float32).to(x.dtype)

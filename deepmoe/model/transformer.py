@@ -74,6 +74,13 @@ class DeepSeekModel(FP32Buffers):
                    router_out: list[Routing] | None = None, capacity_factor: float | None = None
                    ) -> list[torch.Tensor]:
         """Training-time MTP: depth k's logits (B, T-k, vocab) at position i predict token i+k+1."""
+        return [self.lm_head(s) for s in self.mtp_head_inputs(hidden, input_ids, router_out, capacity_factor)]
+
+    def mtp_head_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                        router_out: list[Routing] | None = None, capacity_factor: float | None = None
+                        ) -> list[torch.Tensor]:
+        """What mtp_logits puts through lm_head: depth k's normed hidden states (B, T-k, d), for losses that
+        apply the head themselves (chunked, without materialising the logits)."""
         out, h = [], hidden
         T = input_ids.shape[1]
         for k in range(1, len(self.mtp) + 1):
@@ -81,7 +88,7 @@ class DeepSeekModel(FP32Buffers):
                 break
             h = self.mtp_hidden(k, h[:, : T - k], input_ids[:, k:], router_out=router_out,
                                 capacity_factor=capacity_factor)
-            out.append(self.mtp_head(k, h))
+            out.append(self.mtp[k - 1].shared_head.norm(h))
         return out
 
     def mtp_hidden(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache | None = None,

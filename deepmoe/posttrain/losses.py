@@ -49,8 +49,11 @@ def masked_balance_loss(routing: Routing, valid: torch.Tensor, n_experts: int, t
 def masked_expert_counts(routings: list[Routing], valid: list[torch.Tensor], n_experts: int) -> torch.Tensor:
     """(L, E) token copies each layer sent to each expert, real tokens only; valid[l] is layer l's
     (B, T_l) mask (MTP depth k sees T - k positions)."""
-    return torch.stack([torch.bincount(r.indices[v.flatten()].flatten(), minlength=n_experts)
-                        for r, v in zip(routings, valid)])
+    def count(r: Routing, v: torch.Tensor) -> torch.Tensor:  # no boolean mask: no host sync
+        ones = v.flatten().long().repeat_interleave(r.indices.shape[1])  # 1 for each copy of a real token
+        return torch.zeros(n_experts, dtype=torch.int64, device=ones.device).scatter_add_(0, r.indices.flatten(), ones)
+
+    return torch.stack([count(r, v) for r, v in zip(routings, valid)])
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.experts import count_experts
 from ..model.moe import MoE
 from ..model.router import Routing
 
@@ -22,7 +23,7 @@ def moe_layers(model: torch.nn.Module) -> list[MoE]:
 
 def expert_counts(routings: list[Routing], n_experts: int) -> torch.Tensor:
     """(L, E) int64: how many token copies each layer's router sent to each expert."""
-    return torch.stack([torch.bincount(r.indices.flatten(), minlength=n_experts) for r in routings])
+    return torch.stack([count_experts(r.indices.flatten(), n_experts) for r in routings])
 
 
 @torch.no_grad()

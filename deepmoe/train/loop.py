@@ -38,7 +38,8 @@ from .data import TrainData, prepare_data
 from .evaluate import evaluate
 from .fp8 import convert_to_fp8_training
 from .health import describe_blowup, last_sound_step, new_health, observe
-from .losses import cross_entropy, mtp_loss, sequence_balance_loss
+from .fused_ce import linear_cross_entropy
+from .losses import sequence_balance_loss
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
 from .state import (
@@ -51,7 +52,7 @@ from .state import (
     save_checkpoint,
     write_model_dir,
 )
-from .transforms import apply_activation_checkpointing, apply_compile, autocast_context
+from .transforms import apply_activation_checkpointing, apply_compile, autocast_context, eager
 
 SAMPLE_PROMPT = "def "
 SUMMARY = "summary.json"
@@ -78,6 +79,35 @@ class StepResult:
     mtp: float | None
     aux: float | None
     counts: torch.Tensor | None  # (L, E) token copies per expert over the step
+
+
+def step_loss(model, x: torch.Tensor, y: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                      torch.Tensor | None, torch.Tensor | None]:
+    """One micro-batch's objective → (loss, ce, mtp, aux, expert counts (L, E) or None), all on the device.
+    Every shape is static and nothing is read back to the host, so the whole forward and its backward
+    compile as one graph (tested with fullgraph=True); capacity dropping (cfg.capacity_factor) is the
+    exception, as its kept counts are data-dependent."""
+    mc = model.config
+    router_out: list = []
+    hidden = model.hidden_states(x, router_out=router_out, capacity_factor=cfg.capacity_factor)
+    head = model.lm_head.weight  # the head runs inside the chunked loss: the logits never exist whole
+    ce = linear_cross_entropy(hidden, head, y)
+    mtp = None
+    if len(model.mtp) and cfg.mtp_weight > 0:
+        states = model.mtp_head_inputs(hidden, x, router_out, cfg.capacity_factor)
+        # depth k's state at position i predicts token i+k+1, which is y[:, i+k]
+        mtp = torch.stack([linear_cross_entropy(s, head, y[:, k:]) for k, s in enumerate(states, start=1)]).mean()
+    # this pass's routings; under activation checkpointing the backward recompute appends more later
+    n_main = sum(mc.is_moe_layer(i) for i in range(mc.num_hidden_layers))
+    routings = router_out[:n_main if mtp is None else len(router_out)]
+    loss = ce if mtp is None else ce + cfg.mtp_weight * mtp
+    aux = None
+    if cfg.aux_loss_alpha > 0 and routings:
+        E, k = mc.n_routed_experts, mc.num_experts_per_tok
+        aux = cfg.aux_loss_alpha * sum(sequence_balance_loss(r, x.shape[0], E, k) for r in routings)
+        loss = loss + aux
+    counts = expert_counts(routings, mc.n_routed_experts) if routings else None
+    return loss, ce, mtp, aux, counts
 
 
 def optimizer_update(model, optimizer: torch.optim.Optimizer, moe: list, counts: torch.Tensor | None, loss: float,
@@ -132,7 +162,6 @@ class Trainer:
             self.model = build_model(model_cfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
         self.model.train()
         self.moe = moe_layers(self.model)  # main stack first, then MTP blocks: router_out's order
-        self.n_main_moe = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_hidden_layers))
         blocks = [*self.model.model.layers, *(m.block for m in self.model.mtp)]
         self.moe_layer_ids = [i for i, block in enumerate(blocks) if block.mlp in self.moe]  # metrics labels
         self.optimizer = build_optimizer(self.model, cfg)
@@ -186,23 +215,8 @@ class Trainer:
     # ---- one optimizer step ----------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> StepResult:
         """Loss of one micro-batch; its gradient, times `scale`, is accumulated into .grad."""
-        cfg, model = self.cfg, self.model
-        router_out: list = []
         with self.autocast or contextlib.nullcontext():
-            hidden = model.hidden_states(x, router_out=router_out, capacity_factor=cfg.capacity_factor)
-            ce = cross_entropy(model.lm_head(hidden), y)
-            mtp = None
-            if len(model.mtp) and cfg.mtp_weight > 0:
-                mtp = mtp_loss(model.mtp_logits(hidden, x, router_out, cfg.capacity_factor), y)
-        # this pass's routings; under activation checkpointing the backward recompute appends more later
-        routings = router_out[:self.n_main_moe if mtp is None else len(self.moe)]
-        loss = ce if mtp is None else ce + cfg.mtp_weight * mtp
-        aux = None
-        if cfg.aux_loss_alpha > 0 and routings:
-            E, k = self.model_cfg.n_routed_experts, self.model_cfg.num_experts_per_tok
-            aux = cfg.aux_loss_alpha * sum(sequence_balance_loss(r, x.shape[0], E, k) for r in routings)
-            loss = loss + aux
-        counts = expert_counts(routings, self.model_cfg.n_routed_experts) if routings else None
+            loss, ce, mtp, aux, counts = step_loss(self.model, x, y, self.cfg)
         (loss * scale).backward()
         return StepResult(_item(loss), _item(ce), _item(mtp), _item(aux), counts)
 
@@ -290,7 +304,7 @@ class Trainer:
         tok = self.data.tokenizer
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
         self.model.eval()
-        with self.autocast or contextlib.nullcontext():
+        with self.autocast or contextlib.nullcontext(), eager():
             out = generate(self.model, ids, self.cfg.sample_tokens, eos_token_id=tok.eos_id)
         self.model.train()
         return tok.decode(out[0].tolist(), skip_special_tokens=True)

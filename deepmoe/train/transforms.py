@@ -25,11 +25,39 @@ def apply_activation_checkpointing(model: DeepSeekModel) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def apply_compile(model: DeepSeekModel) -> None:
-    """Compile each decoder block separately: blocks share code, so one compiled graph serves all layers
-    of a kind, and compile time stays that of one block rather than the whole network."""
+def _inference_forward(forward, *args, **kwargs):
+    """Evaluation's entry into a block: its own code object, so its compiled graphs are cached apart from
+    training's (see apply_compile)."""
+    return forward(*args, **kwargs)
+
+
+def apply_compile(model: DeepSeekModel, backend: str = "inductor") -> None:
+    """Compile each decoder block. Blocks share code, so one compiled graph serves every layer of a kind
+    (dense, MoE, MTP), and compile time stays that of one block rather than the whole network.
+
+    Training and evaluation get separate compiled functions. Dynamo caches graphs per code object and
+    guards each on the grad mode, so with one function every switch between a training step and a
+    `torch.no_grad` validation pass recompiled the same block, until the recompile limit (8) sent it back
+    to eager for good. With grad enabled a block runs the graph compiled from its own forward; without,
+    the graph compiled through `_inference_forward`, a different code object with a cache of its own.
+    Shapes are static (training and validation batches are (B, T) throughout); generation, whose lengths
+    vary, belongs under `eager()`."""
+    inference = torch.compile(_inference_forward, dynamic=False, backend=backend)
     for block in blocks(model):
-        block.compile(dynamic=False)
+        forward = block.forward  # the bound method, or activation checkpointing's wrapper of it
+        training = torch.compile(forward, dynamic=False, backend=backend)
+
+        def dispatch(*args, _training=training, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return _training(*args, **kwargs)
+            return inference(_forward, *args, **kwargs)
+
+        block.forward = dispatch
+
+
+def eager():
+    """Run compiled blocks eagerly inside this context (for generation, whose shapes change every step)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def autocast_context(device: torch.device, precision: str):

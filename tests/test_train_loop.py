@@ -119,6 +119,34 @@ def test_resume_in_process_is_bit_identical(setup, monkeypatch):
     assert_same_run(ref, out)
 
 
+def test_bf16_compute_weights_resume_bit_identically(setup, monkeypatch):
+    """--precision bf16 (bf16 compute copies over fp32 masters, autocast; on CPU here): interrupted after
+    the step-4 checkpoint and resumed, every logged value and the final fp32 weights equal the run that was
+    never interrupted, and the fp32 run's losses are close but not the same (the copies are in use)."""
+    root, args, ref = setup
+    args = [*args, "--precision", "bf16"]
+    whole, out = root / "bf16", root / "bf16-resumed"
+    assert main(["train", *args, "--out", str(whole)]) == 0
+    original = loop.Trainer.train_step
+
+    def crash_at_step_7(self):
+        if self.state["step"] == 6:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", *args, "--out", str(out)])
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    assert main(["train", *args, "--out", str(out), "--resume"]) == 0
+    assert_same_run(whole, out)
+    bf16 = [r["ce"] for r in read_metrics(whole) if r["kind"] == "train"]
+    fp32 = [r["ce"] for r in read_metrics(ref) if r["kind"] == "train"]
+    assert bf16 != fp32 and max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.1
+    weights = load_file(str(whole / "final" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())  # the masters are what is saved
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from deepmoe.cli import main

@@ -77,7 +77,10 @@ class TrainConfig:
 
     # execution
     device: str | None = None  # None: cuda if available, else cpu
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp8: FP8 GEMMs (train/fp8.py)
+    # auto: bf16 on CUDA, fp32 on CPU; bf16: bf16 compute weights over fp32 masters under autocast
+    # (train/compute_weights.py; slow on CPUs without bf16 matmul units, but exact to resume there too);
+    # fp8: FP8 GEMMs (train/fp8.py)
+    precision: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -219,7 +222,5 @@ def resolve(cfg: TrainConfig, cuda_available: bool) -> tuple[TrainConfig, ModelC
     if r.seq_len > model_cfg.max_position_embeddings:
         raise ValueError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
                          f"({model_cfg.max_position_embeddings})")
-    if r.precision == "bf16" and not on_gpu:
-        raise ValueError("bf16 autocast is for CUDA; on CPU train in fp32 (--precision fp32)")
     r.validate()
     return r, model_cfg

@@ -33,6 +33,7 @@ from ..durable import atomic_write_text, mkdir, mkdtemp, remove_dir, replace_dir
 from ..generate import generate
 from ..model import build_model
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
+from .compute_weights import ComputeWeights
 from .config import TrainConfig, config_changes
 from .data import TrainData, prepare_data
 from .evaluate import evaluate
@@ -188,6 +189,8 @@ class Trainer:
         if cfg.compile:
             apply_compile(self.model)
         self.autocast = autocast_context(self.device, cfg.precision)
+        # bf16 compute copies of the matmul weights over the fp32 masters, wherever the matmuls run in bf16
+        self.compute = ComputeWeights(self.model) if self.autocast is not None else None
         if self.complete:
             self.metrics = None  # nothing will be logged, and the log is left as the run finished it
             return
@@ -215,10 +218,15 @@ class Trainer:
     # ---- one optimizer step ----------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> StepResult:
         """Loss of one micro-batch; its gradient, times `scale`, is accumulated into .grad."""
-        with self.autocast or contextlib.nullcontext():
-            loss, ce, mtp, aux, counts = step_loss(self.model, x, y, self.cfg)
-        (loss * scale).backward()
+        with self.computing():
+            with self.autocast or contextlib.nullcontext():
+                loss, ce, mtp, aux, counts = step_loss(self.model, x, y, self.cfg)
+            (loss * scale).backward()
         return StepResult(_item(loss), _item(ce), _item(mtp), _item(aux), counts)
+
+    def computing(self):
+        """The weights the model computes with: the bf16 copies under mixed precision, else the parameters."""
+        return self.compute.active() if self.compute is not None else contextlib.nullcontext()
 
     def train_step(self) -> dict[str, Any]:
         cfg, step = self.cfg, self.state["step"]
@@ -232,6 +240,8 @@ class Trainer:
         loss = _mean([r.loss for r in results])
         counts = None if results[0].counts is None else sum(r.counts for r in results)
         grad_norm, skipped = optimizer_update(self.model, self.optimizer, self.moe, counts, loss, cfg, self.state)
+        if self.compute is not None and not skipped:
+            self.compute.refresh()
         if self.device.type == "cuda":  # the optimizer step is still queued: count it in this step's time
             torch.cuda.synchronize(self.device)
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
@@ -268,8 +278,9 @@ class Trainer:
 
     # ---- evaluation, checkpoints, outputs ---------------------------------------------------------
     def validate(self, max_batches: int | None) -> dict[str, float]:
-        return evaluate(self.model, self.data.val, self.cfg.batch_size, max_batches,
-                        self.data.val_bytes_per_token, self.autocast)
+        with self.computing():
+            return evaluate(self.model, self.data.val, self.cfg.batch_size, max_batches,
+                            self.data.val_bytes_per_token, self.autocast)
 
     def log_validation(self, full: bool = False) -> dict[str, float]:
         """Periodic validation reads eval_batches fixed batches; `full` reads the whole split."""
@@ -304,7 +315,7 @@ class Trainer:
         tok = self.data.tokenizer
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
         self.model.eval()
-        with self.autocast or contextlib.nullcontext(), eager():
+        with self.computing(), self.autocast or contextlib.nullcontext(), eager():
             out = generate(self.model, ids, self.cfg.sample_tokens, eos_token_id=tok.eos_id)
         self.model.train()
         return tok.decode(out[0].tolist(), skip_special_tokens=True)

@@ -11,7 +11,8 @@ A checkpoint is built in a hidden temp directory, every file and directory in it
 place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at any moment leaves every
 existing checkpoint intact and never a half-written one under a step-* name; what such a crash does leave,
 the hidden temp directory, is removed when the run next starts (`remove_interrupted_saves`). No pickle:
-tensors are safetensors, the rest JSON.
+tensors are safetensors, the rest JSON. The pretraining loop writes the same files from a snapshot in host
+memory on a background thread (deepmoe.train.async_checkpoint); post-training saves here, in its loop.
 """
 
 from __future__ import annotations

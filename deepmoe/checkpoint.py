@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -62,9 +62,13 @@ def hf_to_internal(key: str, cfg: ModelConfig) -> tuple[str, int | None, bool]:
 
 def internal_to_hf(model: DeepSeekModel) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint key, tensor view) for everything a Hugging Face checkpoint holds."""
-    cfg = model.config
+    return state_to_hf(model.state_dict(keep_vars=False), model.config)
+
+
+def state_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """internal_to_hf for a model's state dict (the live one, or a copy of it in host memory)."""
     L = cfg.num_hidden_layers
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # transformers re-ties it on load
         if name.startswith("mtp."):
@@ -77,8 +81,8 @@ def internal_to_hf(model: DeepSeekModel) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         yield name, t
     for j in range(cfg.num_nextn_predict_layers):  # the release format repeats the shared tensors
-        yield f"model.layers.{L + j}.embed_tokens.weight", model.model.embed_tokens.weight.detach()
-        yield f"model.layers.{L + j}.shared_head.head.weight", model.lm_head.weight.detach()
+        yield f"model.layers.{L + j}.embed_tokens.weight", state["model.embed_tokens.weight"]
+        yield f"model.layers.{L + j}.shared_head.head.weight", state["lm_head.weight"]
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -399,11 +403,18 @@ def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_siz
                     dtype: torch.dtype | None = None) -> None:
     """Write config.json + safetensors (sharded above max_shard_size bytes) that transformers loads. Every
     file is fsynced before it is renamed into place; an older checkpoint in `path` is replaced safely."""
-    if any(".base_layer." in name for name in model.state_dict()):
+    save_state(model.state_dict(keep_vars=False), model.config, path, max_shard_size, dtype)
+
+
+def save_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: str | os.PathLike,
+               max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained from a model's state dict and config: what a trainer's background checkpoint writer
+    uses, its state dict being a copy in host memory that training cannot change under it."""
+    if any(".base_layer." in name for name in state):
         raise CheckpointError("the model carries LoRA adapters, which a checkpoint cannot hold: save them with "
                               "deepmoe.lora.save_adapter, or fold them in first with deepmoe.lora.merge_lora")
     path = mkdir(path)
-    items = list(internal_to_hf(model))
+    items = list(state_to_hf(state, cfg))
     # plan shards from sizes alone, then materialise one shard at a time
     plan: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
@@ -427,11 +438,11 @@ def save_pretrained(model: DeepSeekModel, path: str | os.PathLike, max_shard_siz
             yield tensors
 
     write_weights(path, shards())
-    cfg = model.config.to_hf_dict()
-    cfg.pop("quantization_config", None)  # we always write dequantized weights
-    cfg.pop("dtype", None)  # transformers v5's spelling; one declared dtype only
-    cfg["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
-    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
+    hf = cfg.to_hf_dict()
+    hf.pop("quantization_config", None)  # we always write dequantized weights
+    hf.pop("dtype", None)  # transformers v5's spelling; one declared dtype only
+    hf["torch_dtype"] = str(dtype or state["lm_head.weight"].dtype).removeprefix("torch.")
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2, sort_keys=True))
 
 
 def _keeps_fp32(key: str) -> bool:

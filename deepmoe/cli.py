@@ -230,6 +230,8 @@ TRAIN_HELP = {
     "eval_batches": "batches per periodic validation",
     "checkpoint_every": "steps between checkpoints (default: --steps / 4)",
     "keep_checkpoints": "checkpoints kept on disk",
+    "async_checkpoint": "copy each checkpoint to host memory and write it on a background thread, so training "
+                        "does not wait for the disk (off: write it in the loop, with less host memory)",
     "plots": "write PNG plots into the run directory", "progress": "show the progress bar",
     "sample_tokens": "tokens of the greedy sample written at the end",
 }
@@ -381,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    from .train.async_checkpoint import CheckpointWriteError
     from .train.loop import TrainingError
 
     try:
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, TrainingError) as e:  # ConfigError and CheckpointError are ValueErrors
+    # ConfigError and CheckpointError are ValueErrors; CheckpointWriteError: a background save failed
+    except (FileNotFoundError, ValueError, TrainingError, CheckpointWriteError) as e:
         print(f"deepmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -156,6 +156,7 @@ KILLER = textwrap.dedent("""
         original = loop.Trainer.train_step
         def train_step(self):
             if self.state["step"] == kill_step:
+                self.saves.wait()  # the checkpoint before it is on disk, not still being written in the background
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self)
         loop.Trainer.train_step = train_step

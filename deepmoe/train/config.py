@@ -91,6 +91,11 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
+    # snapshot into host memory and write on a background thread (train/async_checkpoint.py). On for CPU too:
+    # the files are byte-identical to a synchronous save's and training never reads them (both tested), so
+    # one code path serves every device, and the CPU tests run the one GPU runs use; the cost is host memory
+    # for a copy of the weights and AdamW moments while a save is in flight
+    async_checkpoint: bool = True
     plots: bool = True
     progress: bool = True
     sample_tokens: int = 96  # a greedy sample printed and saved at the end; 0 disables
@@ -155,7 +160,8 @@ class TrainConfig:
 # --warmup-steps continues the ramp from there). Every other field must match: it would change the data,
 # the model or the objective under the saved optimizer state.
 RESUME_LOGISTICS = frozenset({"out", "cache_dir", "device", "steps", "eval_every", "eval_batches", "checkpoint_every",
-                              "keep_checkpoints", "plots", "progress", "sample_tokens", "max_bad_steps"})
+                              "keep_checkpoints", "async_checkpoint", "plots", "progress", "sample_tokens",
+                              "max_bad_steps"})
 RESUME_OPTIMIZER = frozenset({"lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_at", "decay_factor", "beta1",
                               "beta2", "eps", "weight_decay", "grad_clip"})
 _UNRECORDED = ("out", "cache_dir", "history")  # where the files are is not a setting of the run

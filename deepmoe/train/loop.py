@@ -32,6 +32,7 @@ from ..data import BatchSampler
 from ..durable import atomic_write_text, mkdir, mkdtemp, remove_dir, replace_dir
 from ..generate import generate
 from ..model import build_model
+from .async_checkpoint import BackgroundSaves
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
 from .compute_weights import ComputeWeights
 from .config import TrainConfig, config_changes
@@ -167,6 +168,7 @@ class Trainer:
         self.moe_layer_ids = [i for i, block in enumerate(blocks) if block.mlp in self.moe]  # metrics labels
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.batch_size, cfg.seed)
+        self.saves = BackgroundSaves()  # with cfg.async_checkpoint; idle otherwise
         # elapsed_s: time in optimizer steps; wall_s: time of the whole run up to the last save
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "bad_in_a_row": 0,
                                       "elapsed_s": 0.0, "wall_s": 0.0, "health": new_health()}
@@ -264,6 +266,7 @@ class Trainer:
         return record
 
     def _divergence_message(self) -> str:
+        self.saves.settle()  # the checkpoint in flight may be the one to name
         cfg, health = self.cfg, self.state["health"]
         head = (f"loss or gradients were non-finite for {cfg.max_bad_steps} steps in a row (up to step "
                 f"{self.state['step']}); stopping. The run blew up {describe_blowup(health)}.")
@@ -294,13 +297,20 @@ class Trainer:
         return self.wall_before + time.perf_counter() - self.started
 
     def save(self) -> Path:
+        """Checkpoint this step. With cfg.async_checkpoint this returns once the snapshot is in host memory,
+        before the files are written (self.saves.wait() for them)."""
         self.state["wall_s"] = self.wall_time()
         state = dict(self.state, sampler=self.sampler.state_dict())
         # while blowing up, keep the checkpoint to come back to however many newer ones are saved
+        keep = last_sound_step(self.state["health"])
+        if self.cfg.async_checkpoint:
+            return self.saves.save(self.run_dir, self.model, self.optimizer, self.data.tokenizer, self.cfg, state,
+                                   also_keep_up_to=keep)
         return save_checkpoint(self.run_dir, self.model, self.data.tokenizer, self.optimizer, self.cfg, state,
-                               also_keep_up_to=last_sound_step(self.state["health"]))
+                               also_keep_up_to=keep)
 
     def write_final(self) -> Path:
+        self.saves.wait()  # the last checkpoint first: a run whose final/ exists has all its checkpoints
         final = self.run_dir / "final"
         tmp = mkdtemp(prefix=".final.", dir=self.run_dir)
         try:
@@ -349,26 +359,31 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.Path
              f"(recorded in {run_dir / TRAIN_CONFIG})")
     last_val: dict[str, float] | None = None
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not cfg.progress, unit="step", dynamic_ncols=True)
-    with trainer.metrics:
-        with bar:
-            while state["step"] < cfg.steps:
-                r = trainer.train_step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{r['ce']:.3f}" if r["ce"] is not None else "nan",
-                                tok_s=f"{r['tok_per_s']:,.0f}", refresh=False)
-                step = state["step"]
-                if step == cfg.steps:
-                    # closing draws the bar one last time, with its overall rate: close it before the last
-                    # checkpoint and the final validation so that they do not count as time per step
-                    bar.close()
-                if step % cfg.eval_every == 0 and step < cfg.steps:
-                    last_val = trainer.log_validation()
-                    bar.write(f"step {step:>6}  val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}")
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    trainer.save()
-        # the final figures use the whole validation split, not the periodic subset
-        last_val = trainer.log_validation(full=True)
-    final = trainer.write_final()
+    try:
+        with trainer.metrics:
+            with bar:
+                while state["step"] < cfg.steps:
+                    r = trainer.train_step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{r['ce']:.3f}" if r["ce"] is not None else "nan",
+                                    tok_s=f"{r['tok_per_s']:,.0f}", refresh=False)
+                    step = state["step"]
+                    if step == cfg.steps:
+                        # closing draws the bar one last time, with its overall rate: close it before the last
+                        # checkpoint and the final validation so that they do not count as time per step
+                        bar.close()
+                    if step % cfg.eval_every == 0 and step < cfg.steps:
+                        last_val = trainer.log_validation()
+                        bar.write(f"step {step:>6}  val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}")
+                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        trainer.save()
+            # the final figures use the whole validation split, not the periodic subset (while the last
+            # checkpoint is written)
+            last_val = trainer.log_validation(full=True)
+        final = trainer.write_final()
+    except BaseException:  # a crash, a divergence, Ctrl-C: the checkpoint in flight still reaches the disk
+        trainer.saves.settle()
+        raise
     sample = trainer.sample() if cfg.sample_tokens else ""
     atomic_write_text(run_dir / "sample.txt", sample)
     plots = []

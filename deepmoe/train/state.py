@@ -11,7 +11,8 @@ A checkpoint is built in a hidden temp directory, every file and directory in it
 place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at any moment leaves every
 existing checkpoint intact and never a half-written one under a step-* name; what such a crash does leave,
 the hidden temp directory, is removed when the run next starts (`remove_interrupted_saves`). No pickle:
-tensors are safetensors, the rest JSON.
+tensors are safetensors, the rest JSON. The pretraining loop writes the same files from a snapshot in host
+memory on a background thread (deepmoe.train.async_checkpoint); post-training saves here, in its loop.
 """
 
 from __future__ import annotations
@@ -73,16 +74,29 @@ def write_run_files(path: Path, tokenizer: Tokenizer, cfg: Any, config_name: str
 def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig, state: dict[str, Any], also_keep_up_to: int | None = None,
                     config_name: str = TRAIN_CONFIG, write_model: ModelWriter = write_model_dir) -> Path:
-    """Write checkpoint `step-{state['step']}` atomically, then drop all but the newest keep_checkpoints and
-    the newest at or before step `also_keep_up_to` (while the run is blowing up: the one to resume from).
-    `write_model` writes the model part (a LoRA run writes its adapter: the base cannot change)."""
-    root = mkdir(run_dir / CHECKPOINTS)
-    final = root / f"step-{state['step']:07d}"
-    tmp = mkdtemp(prefix=f".{final.name}.", dir=root)
+    """Write checkpoint `step-{state['step']}` now, from the live model and optimizer (`write_checkpoint`).
+    `write_model` writes the model part (a LoRA run writes its adapter: the base cannot change). The
+    pretraining loop's background writer is deepmoe.train.async_checkpoint."""
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in optimizer_tensors(model, optimizer).items()}
+    return write_checkpoint(run_dir, state, lambda tmp: write_model(tmp, model, tokenizer, cfg, config_name),
+                            tensors | rng_tensors(), cfg.keep_checkpoints, also_keep_up_to)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:07d}"
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Any], write_model: Callable[[Path], None],
+                     tensors: dict[str, torch.Tensor], keep: int, also_keep_up_to: int | None = None) -> Path:
+    """Write checkpoint `step-{state['step']}` atomically: write_model(directory) fills in the model part,
+    `tensors` (CPU: optimizer moments and steps, RNG state) and `state` make trainer_state/. Then drop all
+    but the newest `keep` and the newest at or before step `also_keep_up_to` (while the run is blowing up:
+    the one to resume from)."""
+    final = checkpoint_path(run_dir, state["step"])
+    tmp = mkdtemp(prefix=f".{final.name}.", dir=mkdir(final.parent))
     try:
-        write_model(tmp, model, tokenizer, cfg, config_name)
+        write_model(tmp)
         mkdir((tmp / STATE_JSON).parent)
-        tensors = _optimizer_tensors(model, optimizer) | _rng_tensors()
         atomic_write(tmp / STATE_TENSORS, lambda path: save_file(tensors, path))
         atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=2))
         replace_dir(tmp, final)
@@ -91,7 +105,7 @@ def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, o
         raise
     checkpoints = list_checkpoints(run_dir)
     sound = [c for c in checkpoints if also_keep_up_to is not None and checkpoint_step(c) <= also_keep_up_to]
-    for old in checkpoints[:-cfg.keep_checkpoints]:
+    for old in checkpoints[:-keep]:
         if not sound or old != sound[-1]:
             remove_dir(old)
     return final
@@ -171,17 +185,20 @@ def load_trainer_state(ckpt: Path, model: DeepSeekModel, optimizer: torch.optim.
     return state
 
 
-def _optimizer_tensors(model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state by checkpoint key, the live tensors (optimizer.step() changes
+    them in place): copy them before training goes on."""
     out = {}
     for name, p in model.named_parameters():
         st = optimizer.state.get(p)
         if st:
             for k in _OPTIM_KEYS:
-                out[f"optim.{name}.{k}"] = st[k].detach().to("cpu").contiguous().clone()
+                out[f"optim.{name}.{k}"] = st[k].detach()
     return out
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Fresh CPU copies of the RNG states."""
     out = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())

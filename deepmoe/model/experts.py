@@ -228,6 +228,11 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
+    def project(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, update: LowRank | None = None
+                ) -> torch.Tensor:
+        """One grouped projection of the expert-sorted rows (a subclass may run it in another precision)."""
+        return grouped_mm(x, w, counts, update)
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 capacity: int | None = None, sync_free: bool = False, updates: Updates = NO_UPDATES
                 ) -> torch.Tensor:
@@ -256,11 +261,11 @@ class Experts(nn.Module):
         # index_select, not x[token]: its backward is a deterministic index_add, where indexing's backward
         # (index_put with accumulate) adds in a thread-dependent order on CPU and breaks bit-exact resume
         xs = x.index_select(0, token)  # (M, d), M = N·k copies (fewer after dropping)
-        h = F.silu(grouped_mm(xs, gate_w, counts, updates[0])) * grouped_mm(xs, up_w, counts, updates[1])
+        h = F.silu(self.project(xs, gate_w, counts, updates[0])) * self.project(xs, up_w, counts, updates[1])
         # the down projection is linear, so each copy's routing weight scales its input rather than its
         # output: (M, inter) instead of (M, d), folded into the product that builds h (fp32, one rounding)
         h = (h.float() * w[order].unsqueeze(-1)).to(h.dtype)
-        ys = grouped_mm(h, down_w, counts, updates[2])  # (M, d), already weighted
+        ys = self.project(h, down_w, counts, updates[2])  # (M, d), already weighted
         if capacity is not None:  # some copies were dropped: add the kept ones back to their tokens
             out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
             return out.index_add_(0, token, ys.float()).to(x.dtype)

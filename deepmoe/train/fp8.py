@@ -10,7 +10,8 @@ runs this way:
 
 Master weights, gradients and optimizer state stay in their own precision (fp32 here); the embedding, the
 output head, the router and the norms are not touched (only nn.Linear layers are converted, never the head
-or the MTP projection into it), and neither is attention's core. A dimension that is not a multiple of 128
+or the MTP projection into it), and neither is attention's core. The routed experts' grouped GEMMs run in
+FP8 with row-wise scales instead (train/fp8_experts.py says why). A dimension that is not a multiple of 128
 would need ragged tiles that the fast GEMM does not take: such layers stay as they are, and the report says
 which.
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..fp8 import FP8_MAX, dequantize_fp8_block, quantize_fp8_block
+from ..model.experts import Experts
 
 TILE = 128
 E4M3 = torch.float8_e4m3fn
@@ -116,9 +118,12 @@ SKIP = ("lm_head", "eh_proj")
 class Fp8Report:
     converted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # with the reason
+    experts: list[str] = field(default_factory=list)  # routed-expert layers in FP8 grouped GEMMs
 
     def summary(self) -> str:
         line = f"fp8       {len(self.converted)} linear layers in FP8 GEMMs"
+        if self.experts:
+            line += f", {len(self.experts)} routed-expert layers in FP8 grouped GEMMs (row-wise scales)"
         if not self.kept:
             return line
         # one entry per kind of layer (the same projection in every block): "kv_b_proj (512x64: ...) x5"
@@ -130,10 +135,21 @@ class Fp8Report:
 
 
 def convert_to_fp8_training(model: nn.Module) -> Fp8Report:
-    """Swap the model's nn.Linear layers for Fp8Linear in place (the same Parameter objects, so optimizer
-    state, checkpoints and tied weights are unaffected). Routed experts keep their grouped GEMMs."""
+    """Swap the model's nn.Linear layers for Fp8Linear and its routed experts for Fp8Experts
+    (train/fp8_experts.py), in place and on the same Parameter objects, so optimizer state, checkpoints and
+    tied weights are unaffected."""
+    from .fp8_experts import Fp8Experts
+
     report = Fp8Report()
     for name, module in list(model.named_modules()):
+        if type(module) is Experts:
+            _, inter, d = module.gate_proj.shape
+            if inter % 16 or d % 16:  # the FP8 GEMM's operands need 16-byte rows
+                report.kept.append(f"{name} (experts {inter}x{d}: not a multiple of 16)")
+            else:
+                module.__class__ = Fp8Experts  # a subclass with no state of its own: only `project` differs
+                report.experts.append(name)
+            continue
         if type(module) is not nn.Linear:
             continue
         if name.split(".")[-1] in SKIP:

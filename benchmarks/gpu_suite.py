@@ -52,6 +52,18 @@ def steps() -> list[Step]:
               "--rounds", "1", "--warmup", "1", "--breakdown"],
              [PY, b + "train_throughput.py", "--hf-impl", "--steps", "1", "--rounds", "1", "--warmup", "1", "--seq-len",
               "64", "--breakdown"], 150),
+        # the same wide step with FP8 GEMMs (linears in 1x128/128x128 tiles, experts row-wise): item 4's speed goal
+        # is >= 1.25x the bf16 step above; and the bf16 step with compiled blocks
+        Step("train wide-2048, B 8 x 1024, fp8",
+             [PY, b + "train_throughput.py", "--device", "cuda", "--preset", "wide-2048", "--hf-impl", "--steps", "3",
+              "--rounds", "1", "--warmup", "1", "--no-breakdown", "--precision", "fp8"],
+             [PY, b + "train_throughput.py", "--hf-impl", "--steps", "1", "--rounds", "1", "--warmup", "1", "--seq-len",
+              "64", "--no-breakdown", "--precision", "fp8"], 120),
+        Step("train wide-2048, B 8 x 1024, compiled",
+             [PY, b + "train_throughput.py", "--device", "cuda", "--preset", "wide-2048", "--hf-impl", "--steps", "3",
+              "--rounds", "1", "--warmup", "2", "--no-breakdown", "--compile"],
+             [PY, b + "train_throughput.py", "--hf-impl", "--steps", "1", "--rounds", "1", "--warmup", "1", "--seq-len",
+              "64", "--no-breakdown", "--compile"], 180),
         Step("decode ref-813M, batch 1",
              [PY, b + "decode.py", "--device", "cuda", "--preset", "ref-813M", "--new-tokens", "128", "--rounds", "3"],
              [PY, b + "decode.py", "--new-tokens", "8", "--rounds", "1"], 120),

@@ -112,7 +112,8 @@ def make_steps(args, device: torch.device, tmp: Path):
     cfg, model_cfg = resolve(TrainConfig(
         preset=args.preset, data=str(write_corpus(tmp)), cache_dir=str(tmp / "cache"), out=str(tmp / "run"),
         device=str(device), seq_len=args.seq_len, batch_size=args.batch_size, steps=10**9, warmup_steps=0,
-        lr=1e-4, progress=False, plots=False, sample_tokens=0), torch.cuda.is_available())
+        lr=1e-4, progress=False, plots=False, sample_tokens=0, precision=args.precision, compile=args.compile),
+        torch.cuda.is_available())
     trainer = Trainer(cfg, model_cfg.replace(num_nextn_predict_layers=0))
     steps = [("deepmoe Trainer.train_step", trainer.train_step)]
     if args.hf_impl:
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp8"],
+                   help="deepmoe's precision (auto: bf16 on CUDA, fp32 on CPU); the reference keeps autocast or fp32")
+    p.add_argument("--compile", action="store_true", help="deepmoe's blocks compiled (deepmoe train --compile)")
     p.add_argument("--hf-impl", nargs="*", default=["eager", "grouped_mm"],
                    help="transformers experts_implementation values to compare with (none: time deepmoe alone)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
@@ -169,7 +173,9 @@ def main(argv=None) -> int:
         # same weights, same first batch: same first loss (the trainer's "ce" excludes its balance loss)
         first = {name: float(step()["ce"] if name.startswith("deepmoe") else step()) for name, step in steps}
         ref = first[steps[0][0]]
-        precision = "bf16 autocast" if trainer.autocast is not None else "fp32"
+        precision = {"fp8": "fp8 GEMMs + bf16"}.get(trainer.cfg.precision, "bf16 compute weights + autocast"
+                                                         if trainer.autocast is not None else "fp32")
+        precision += ", compiled blocks" if trainer.cfg.compile else ""
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"cpu ({torch.get_num_threads()} threads)")
         print(f"device {where}, torch {torch.__version__}, {args.preset} ({cfg.num_hidden_layers} layers, MTP off), "

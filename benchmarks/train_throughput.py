@@ -13,12 +13,21 @@ process, so machine noise hits both alike; the figure is the median step time.
 
     python benchmarks/train_throughput.py                          # CPU: tiny, 8 x 256, 2 threads, fp32
     python benchmarks/train_throughput.py --preset ref-813M --batch-size 8 --seq-len 1024   # GPU, bf16
+    python benchmarks/train_throughput.py --preset wide-2048 --hf-impl      # GPU: deepmoe alone, breakdown
 
-MFU (GPU only) = model FLOPs / step time / peak, with model FLOPs per token
-    6 · (activated parameters − embedding) + 3 · L · H · T · (d_qk + d_v)
-(the second term: causal attention scores and weighted values, forward and backward), reported against
-two peaks: 726 TFLOP/s, the dense bf16 matmul rate measured on the lent H100 (PERF.md; used for the H200
-too), and 989 TFLOP/s, the datasheet dense bf16 peak of the H100 SXM and the H200.
+MFU (GPU only) = tokens/s · model FLOPs per token / peak FLOP/s, with model FLOPs per token
+    6 · N + 3 · L · H · T · (d_qk + d_v)
+N is the activated parameters without the embedding table (a lookup; the head is a GEMM, tied or not):
+each does a multiply-add per token forward (2 FLOPs) and two backward (4). The second term is causal
+attention's scores and weighted values, forward and backward. It is reported against two peaks:
+726 TFLOP/s, the dense bf16 matmul rate measured on the lent H100 (PERF.md; used for the H200 too), and
+989 TFLOP/s, the datasheet dense bf16 peak of the H100 SXM and the H200. `flop_terms` splits the same
+sum by component, so the breakdown (benchmarks/breakdown.py; --breakdown, on by default on CUDA) can
+print each component's FLOPs beside its time.
+
+`wide-2048` (about DeepSeek-V2-Lite's layer shape: d 2048, 64 routed + 2 shared experts of 1408, 6 layers,
+3.14B parameters) is the most layers that train at batch 8 x 1024 on one 80 GB GPU with fp32 weights and
+AdamW state: 66.4 GiB before transients; the arithmetic is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from contenders import experts_implementation  # benchmarks/ (the script's folder is on sys.path)
+from breakdown import format_breakdown, profile_steps, summary_line  # benchmarks/ (the script's folder is on sys.path)
+from contenders import experts_implementation
 from timing import time_calls
 
 from deepmoe.checkpoint import save_pretrained
@@ -48,10 +58,39 @@ from deepmoe.train.optim import build_optimizer
 PEAK_BF16_FLOPS = {"H100": (726e12, 989e12), "H200": (726e12, 989e12)}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    matmul_params = model_stats(cfg).activated - cfg.vocab_size * cfg.hidden_size
+PROFILED_STEPS = 2  # steps the breakdown profiles, after the timed rounds
+
+
+def flop_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Model FLOPs per token by the breakdown component that does them (see the module docstring)."""
+    d, V = cfg.hidden_size, cfg.vocab_size
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    routed = n_moe * 3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok or 0)  # activated, per token
+    router = n_moe * (cfg.n_routed_experts or 0) * d
+    # the embedding table is a lookup; a tied head's matrix is that table, counted once in `activated`
+    head_separate = 0 if cfg.tie_word_embeddings else V * d
+    dense = model_stats(cfg).activated - V * d - routed - router - head_separate
     attention = 3 * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
-    return 6 * matmul_params + cfg.num_hidden_layers * attention
+    return {"expert GEMMs": 6 * routed, "dense GEMMs": 6 * dense, "router": 6 * router, "head + loss": 6 * V * d,
+            "attention": cfg.num_hidden_layers * attention}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return sum(flop_terms(cfg, seq_len).values())
+
+
+def mfu_formula(cfg: ModelConfig, seq_len: int, tokens: int) -> str:
+    """The MFU formula and the numbers that go into it."""
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    fpt = flops_per_token(cfg, seq_len)
+    n = (fpt - flop_terms(cfg, seq_len)["attention"]) / 6
+    attention = L * 3 * H * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
+    return (f"MFU = tokens/s x model FLOPs/token / peak FLOP/s; model FLOPs/token = 6·N + 3·L·H·T·(d_qk + d_v)\n"
+            f"  N = activated parameters without the embedding table = {n / 1e6:,.2f}M "
+            f"(6·N = {6 * n / 1e9:.3f} GFLOP: forward 2·N, backward 4·N)\n"
+            f"  3·L·H·T·(d_qk + d_v) = 3·{L}·{H}·{seq_len}·({cfg.qk_head_dim} + {cfg.v_head_dim}) = "
+            f"{attention / 1e6:,.1f}M (causal attention: scores and weighted values, forward and backward)\n"
+            f"  = {fpt / 1e9:.3f} GFLOP/token; x {tokens:,} tokens = {fpt * tokens / 1e12:.2f} TFLOP/step")
 
 
 def write_corpus(root: Path, n_docs: int = 40, words_per_doc: int = 25_000) -> Path:
@@ -73,10 +112,12 @@ def make_steps(args, device: torch.device, tmp: Path):
     cfg, model_cfg = resolve(TrainConfig(
         preset=args.preset, data=str(write_corpus(tmp)), cache_dir=str(tmp / "cache"), out=str(tmp / "run"),
         device=str(device), seq_len=args.seq_len, batch_size=args.batch_size, steps=10**9, warmup_steps=0,
-        lr=1e-4, progress=False, plots=False, sample_tokens=0), torch.cuda.is_available())
+        lr=1e-4, progress=False, plots=False, sample_tokens=0, precision=args.precision, compile=args.compile),
+        torch.cuda.is_available())
     trainer = Trainer(cfg, model_cfg.replace(num_nextn_predict_layers=0))
     steps = [("deepmoe Trainer.train_step", trainer.train_step)]
-    save_pretrained(trainer.model, tmp / "weights")  # same weights for transformers
+    if args.hf_impl:
+        save_pretrained(trainer.model, tmp / "weights")  # same weights for transformers
     data = trainer.data.train
     for impl in args.hf_impl:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -109,10 +150,18 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--device", default=None)
-    p.add_argument("--hf-impl", nargs="+", default=["eager", "grouped_mm"],
-                   help="transformers experts_implementation values to compare with")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp8"],
+                   help="deepmoe's precision (auto: bf16 on CUDA, fp32 on CPU); the reference keeps autocast or fp32")
+    p.add_argument("--compile", action="store_true", help="deepmoe's blocks compiled (deepmoe train --compile)")
+    p.add_argument("--hf-impl", nargs="*", default=["eager", "grouped_mm"],
+                   help="transformers experts_implementation values to compare with (none: time deepmoe alone)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"after the timed rounds, profile {PROFILED_STEPS} deepmoe steps and print where the time "
+                        "goes (default: on CUDA only)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.breakdown is None:
+        args.breakdown = device.type == "cuda"
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     args.preset = args.preset or ("ref-813M" if device.type == "cuda" else "tiny")
@@ -124,10 +173,13 @@ def main(argv=None) -> int:
         # same weights, same first batch: same first loss (the trainer's "ce" excludes its balance loss)
         first = {name: float(step()["ce"] if name.startswith("deepmoe") else step()) for name, step in steps}
         ref = first[steps[0][0]]
-        precision = "bf16 autocast" if trainer.autocast is not None else "fp32"
+        precision = {"fp8": "fp8 GEMMs + bf16"}.get(trainer.cfg.precision, "bf16 compute weights + autocast"
+                                                         if trainer.autocast is not None else "fp32")
+        precision += ", compiled blocks" if trainer.cfg.compile else ""
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"cpu ({torch.get_num_threads()} threads)")
-        print(f"device {where}, torch {torch.__version__}, {args.preset} (MTP off), batch {args.batch_size} x "
+        print(f"device {where}, torch {torch.__version__}, {args.preset} ({cfg.num_hidden_layers} layers, MTP off), "
+              f"batch {args.batch_size} x "
               f"{args.seq_len}, {precision}; deepmoe aux_loss_alpha {trainer.cfg.aux_loss_alpha}, bias update "
               f"rate {trainer.cfg.bias_update_rate}")
         print("first-step loss: " + ", ".join(f"{n} {v:.5f}" for n, v in first.items()))
@@ -146,6 +198,7 @@ def main(argv=None) -> int:
                 times[name] += time_calls(step, args.steps, device)
                 if device.type == "cuda":
                     peak_mem[name] = max(peak_mem.get(name, 0), torch.cuda.max_memory_allocated(device))
+        breakdown = profile_steps(trainer.train_step, trainer.model, PROFILED_STEPS, device) if args.breakdown else None
         trainer.metrics.close()
     tokens = args.batch_size * args.seq_len
     fpt = flops_per_token(cfg, args.seq_len)
@@ -162,9 +215,20 @@ def main(argv=None) -> int:
             line += f"  peak mem {peak_mem[name] / 2**30:.1f} GiB"
         print(line)
     ours = steps[0][0]
-    best_ref = max((v, n) for n, v in rates.items() if n != ours)
-    print(f"deepmoe / {best_ref[1]} (fastest transformers): {rates[ours] / best_ref[0]:.2f}x")
-    print(f"model FLOPs/token {fpt / 1e6:.1f}M (6·N_active_matmul + causal attention)")
+    refs = [(v, n) for n, v in rates.items() if n != ours]
+    if refs:
+        best_ref = max(refs)
+        print(f"deepmoe / {best_ref[1]} (fastest transformers): {rates[ours] / best_ref[0]:.2f}x")
+    print(mfu_formula(cfg, args.seq_len, tokens))
+    if peaks:
+        print(f"  peak: {peaks[0] / 1e12:.0f} TFLOP/s (dense bf16 matmul measured on the H100) and "
+              f"{peaks[1] / 1e12:.0f} TFLOP/s (datasheet dense bf16)")
+    else:
+        print(f"  no peak known for {where}: deepmoe did {rates[ours] * fpt / 1e9:,.1f} GFLOP/s")
+    if breakdown is not None:
+        flops = {k: v * tokens for k, v in flop_terms(cfg, args.seq_len).items()}
+        print(format_breakdown(breakdown, flops, statistics.median(times[ours]) * 1e3))
+        print(summary_line(breakdown))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 `profile_steps(step, model, n, device)` runs `step()` n times under torch.profiler and splits the step's
 time into COMPONENTS. While it runs, forward hooks wrap every attention (MLA), MoE, router, routed-experts,
-MLP (dense layer or shared experts), RMSNorm and head module's forward in a `record_function` range
+MLP (dense layer or shared experts), RMSNorm and head module's forward (and the trainer's chunked head +
+loss) in a `record_function` range
 (`deepmoe::attention`, ...). The hooks exist only inside `profile_steps`: the model's code carries no
 labels, so unprofiled training pays nothing. Time is the device's kernel time on CUDA (what is left of
 the step is "device idle": the GPU waiting for the host) and the ops' own CPU time on CPU (an op's time
@@ -24,7 +25,7 @@ The attribution rule, for each op, first match wins:
      → attention
    - MLP (dense layers, shared experts): GEMMs → dense GEMMs; the rest (silu · mul) → activations
    - routed experts: GEMMs → expert GEMMs; silu and mul between the first and the last GEMM → activations;
-     the rest (sort by expert, counts, offsets, gathering the token copies, weighting, the scatter-add
+     the rest (sort by expert, counts, offsets, gathering the token copies, weighting, the gather
      back) → dispatch/combine; so is what MoE does outside its children (adding the shared experts' output)
    - router: everything (its fp32 logits GEMM included) → router; RMSNorm → norms; lm_head → head + loss
    - outside every range: cross-entropy (`log_softmax`, `nll_loss`) → head + loss; a GEMM → dense GEMMs;
@@ -105,9 +106,20 @@ def module_ranges(model: torch.nn.Module) -> Iterator[None]:
             labelled.append((m, label))
     handles = [h for m, label in labelled
                for h in (m.register_forward_pre_hook(enter(label)), m.register_forward_hook(leave))]
+    # the trainer runs the head inside its chunked loss (train/fused_ce.py), which reads lm_head's weight and
+    # never calls the module: its range comes from wrapping that function where the step looks it up
+    from deepmoe.train import loop
+    fused = loop.linear_cross_entropy
+
+    def head_loss(*args, **kwargs):
+        with record_function(RANGE + "head"):
+            return fused(*args, **kwargs)
+
+    loop.linear_cross_entropy = head_loss
     try:
         yield
     finally:
+        loop.linear_cross_entropy = fused
         for h in handles:
             h.remove()
 

@@ -87,3 +87,30 @@ def test_compiled_blocks_do_not_recompile_between_training_and_evaluation():
             validate(model)
             torch.testing.assert_close(generate(model), generate(reference), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.cuda
+def test_the_training_step_compiles_whole_on_cuda_with_bf16_compute_weights():
+    """What `deepmoe train --compile` on a GPU runs: bf16 copies of the weights, autocast, and the whole step
+    compiled by inductor with fullgraph=True (CUDA grouped GEMMs, no host sync), equal to eager."""
+    from deepmoe.train.compute_weights import ComputeWeights
+
+    torch._dynamo.reset()
+    cfg = v3_config()
+    model = build_model(cfg, seed=0, device="cuda").train()
+    compute = ComputeWeights(model)
+    x, y = (t.cuda() for t in _batch(cfg, B=4, T=64))
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        with compute.active(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(model, x, y, STEP)[0]
+        with compute.active():
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run(step_loss)
+    got, got_grads = run(torch.compile(step_loss, fullgraph=True))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for name, g in want_grads.items():
+        assert (got_grads[name] - g).norm() <= 0.05 * g.norm() + 1e-6, name

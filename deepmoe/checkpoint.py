@@ -152,9 +152,38 @@ def _fp8_block(cfg: ModelConfig) -> tuple[int, int] | None:
     q = cfg.extra.get("quantization_config")
     if not q:
         return None
+    if q.get("quant_method") == "compressed-tensors":
+        return None  # int8/int4 weight-only: _int_scheme
     if q.get("quant_method") != "fp8":
-        raise CheckpointError(f"unsupported quantization_config {q.get('quant_method')!r} (only DeepSeek fp8 blocks)")
+        raise CheckpointError(f"unsupported quantization_config {q.get('quant_method')!r} (deepmoe reads DeepSeek "
+                              f"fp8 blocks and compressed-tensors int8/int4 written by `deepmoe quantize`)")
     return tuple(q.get("weight_block_size", (128, 128)))
+
+
+def _int_scheme(cfg: ModelConfig):
+    """The int8/int4 scheme of a compressed-tensors checkpoint (`deepmoe quantize`), else None."""
+    q = cfg.extra.get("quantization_config")
+    if not q or q.get("quant_method") != "compressed-tensors":
+        return None
+    from .quant import QuantError, read_scheme
+
+    try:
+        return read_scheme(q)
+    except QuantError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _quantized_modules(key_files: Iterable[str], cfg: ModelConfig, skip_layers: set[int]) -> set[str]:
+    """The model modules a quantised checkpoint stores as codes: those with a `weight_packed` key."""
+    from .quant.format import module_of, split_key
+
+    out = set()
+    for key in key_files:
+        base, part = split_key(key)
+        m = _LAYER.match(key)
+        if part == "qweight" and not (m and int(m.group(1)) in skip_layers):
+            out.add(module_of(hf_to_internal(base, cfg)[0]))
+    return out
 
 
 def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
@@ -169,6 +198,7 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     files = SafetensorsFiles()
     key_files = _key_files(path, files)
     block = _fp8_block(cfg)
+    scheme = _int_scheme(cfg)
     if dtype is None:
         declared = cfg.extra.get("torch_dtype") or cfg.extra.get("dtype")
         dtype = torch.float32 if block is None and declared == "float32" else torch.bfloat16
@@ -192,6 +222,10 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
     with torch.device("meta"):
         model = DeepSeekModel(cfg)
     model = model.to(dtype)
+    if scheme is not None:  # after the cast: the group scales stay fp32
+        from .quant.modules import swap_modules
+
+        swap_modules(model, _quantized_modules(key_files, cfg, skip_layers), scheme)
     targets = model.state_dict(keep_vars=True)
     plan = _validate(path, key_files, files, cfg, targets, block, skip_layers)
     model = model.to_empty(device=device)
@@ -203,6 +237,10 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
         for file, keys in plan.items():
             for key, (name, expert) in keys.items():
                 t = files[file].get_tensor(key).to(device)
+                if name.endswith(".qweight"):
+                    from .quant.format import from_disk
+
+                    t = from_disk(t, scheme.bits)
                 if t.dtype == torch.float8_e4m3fn:
                     scale = files.read(key_files, key + "_scale_inv").to(device)
                     t = dequantize_fp8_block(t, scale, block, torch.float32)
@@ -213,6 +251,10 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
                     # through min and max; read back once at the end, not one device sync per tensor
                     extremes[key] = torch.stack(torch.aminmax(dst)).float()
         _warn_non_finite(path, model, extremes)
+    if scheme is not None and torch.device(device).type == "cpu":
+        from .quant import prepare_cpu
+
+        prepare_cpu(model)  # the ATen int8/int4 CPU kernels where they fit
     return model.eval()  # as transformers' from_pretrained: ready for inference; training calls .train()
 
 
@@ -253,11 +295,22 @@ def _validate(path: Path, key_files: dict[str, Path], files: SafetensorsFiles, c
             if int(m.group(1)) in skip_layers:
                 continue  # MTP weights we chose not to load
             raise CheckpointError(f"{file.name}: unexpected key {key} (config has {L} layers + {D} MTP)")
-        name, expert, shared = hf_to_internal(key, cfg)
+        base, part = _split_quant_key(key)
+        if part == "shape":  # compressed-tensors' weight_shape: the codes' shape says the same
+            continue
+        name, expert, shared = hf_to_internal(base, cfg)
+        if part is not None:
+            from .quant.format import disk_shape, internal_name
+
+            name = internal_name(name, part)
         if name not in targets:
             raise CheckpointError(f"{file.name}: unexpected key {key} for this config")
         sl = files[file].get_slice(key)
         shape = tuple(sl.get_shape())
+        if part == "qweight":
+            if sl.get_dtype() != "I32":
+                raise CheckpointError(f"{file.name}: {key} is {sl.get_dtype()}; weight_packed must be int32")
+            shape = disk_shape(shape)
         want = targets[name].shape if expert is None else targets[name].shape[1:]
         if expert is not None and not 0 <= expert < targets[name].shape[0]:
             raise CheckpointError(f"{file.name}: {key}: expert index {expert} out of range "
@@ -297,7 +350,17 @@ def _validate_scale(key: str, key_files: dict[str, Path], files: SafetensorsFile
 
 
 def _is_stacked(name: str) -> bool:
-    return name.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj"))
+    return name.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj")) or any(
+        name.endswith(f".experts.{p}.{part}") for p in ("gate_proj", "up_proj", "down_proj")
+        for part in ("qweight", "scales"))
+
+
+def _split_quant_key(key: str) -> tuple[str, str | None]:
+    if not key.endswith((".weight_packed", ".weight_scale", ".weight_shape")):
+        return key, None
+    from .quant.format import split_key
+
+    return split_key(key)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -410,6 +473,9 @@ def save_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: str | 
                max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
     """save_pretrained from a model's state dict and config: what a trainer's background checkpoint writer
     uses, its state dict being a copy in host memory that training cannot change under it."""
+    if any(name.endswith(".qweight") for name in state):
+        raise CheckpointError("the model holds quantised weights (deepmoe.quant); save the high-precision model "
+                              "and run `deepmoe quantize` on it")
     if any(".base_layer." in name for name in state):
         raise CheckpointError("the model carries LoRA adapters, which a checkpoint cannot hold: save them with "
                               "deepmoe.lora.save_adapter, or fold them in first with deepmoe.lora.merge_lora")

@@ -1,0 +1,172 @@
+"""`deepmoe quantize`: write a model directory's projections as int8 / int4 (round to nearest).
+
+Which tensors: every 2-D `*.weight` of the checkpoint — the attention and MLP projections of the decoder
+and MTP layers, the shared experts, and each routed expert — except the embedding, the head (and the MTP
+layers' copies of both) and the routers (`mlp.gate`), which stay in the source precision, as do norms and
+biases (1-D). `skip` adds regular expressions searched in the checkpoint module names
+(e.g. `layers\\.0\\.`, `kv_b_proj`); a layer's routed experts are quantised all together or not at all.
+
+Streaming like `deepmoe convert`: one tensor read, quantised and appended to the current shard at a time.
+Every name is checked first (group sizes, skip patterns), so a bad request writes nothing; the output is
+written into a hidden directory beside OUT and renamed onto it when complete (`durable.replace_dir`), so a
+crash never leaves a half-written OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (CheckpointError, SafetensorsFiles, _EXPERT, _fp8_block, _key_files, _read_config,
+                          write_weights)
+from ..convert import SIDE_FILES
+from ..durable import atomic_write_text, fsync_file, mkdir, mkdtemp, replace_dir
+from ..fp8 import dequantize_fp8_block
+from .format import quantization_config, to_disk
+from .modules import set_weight, swap_modules
+from .scheme import QuantError, QuantScheme, encode
+
+KEEP = (r"embed_tokens$", r"(^|\.)lm_head$", r"shared_head\.head$", r"\.mlp\.gate$")  # always high precision
+
+
+def targets(shapes: dict[str, tuple[int, ...]], skip: list[str] = ()) -> list[str]:
+    """Checkpoint keys (of {key: shape}) to quantise; raises on a bad pattern or a split expert stack."""
+    try:
+        patterns = [re.compile(p) for p in (*KEEP, *skip)]
+    except re.error as e:
+        raise QuantError(f"bad --skip pattern: {e}") from None
+    chosen, experts = [], {}
+    for key, shape in shapes.items():
+        if not key.endswith(".weight") or len(shape) != 2:
+            continue
+        module = key.removesuffix(".weight")
+        take = not any(p.search(module) for p in patterns)
+        m = _EXPERT.match(key)
+        if m:
+            experts.setdefault(m.group(1), set()).add(take)
+        if take:
+            chosen.append(key)
+    split = [prefix for prefix, takes in experts.items() if len(takes) > 1]
+    if split:
+        raise QuantError(f"--skip matches some but not all routed experts of {split[0]}; quantise a layer's "
+                         f"experts together (a pattern like '{re.escape(split[0])}\\.')")
+    return chosen
+
+
+def hf_module(name: str, num_layers: int) -> str:
+    """A model module name → its checkpoint name (MTP depth j is layer num_layers + j)."""
+    if name.startswith("mtp."):
+        _, j, rest = name.split(".", 2)
+        return f"model.layers.{num_layers + int(j)}.{rest.removeprefix('block.')}"
+    return name
+
+
+def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
+    """Quantise a built model in place (what loading a `quantize_checkpoint` output gives); → module names."""
+    from torch import nn
+
+    from ..model.experts import Experts
+
+    L = model.config.num_hidden_layers
+    shapes, owner = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.weight is not model.model.embed_tokens.weight:
+            hf = hf_module(name, L)
+            shapes[hf + ".weight"], owner[hf + ".weight"] = tuple(m.weight.shape), name
+        elif isinstance(m, Experts):
+            hf = hf_module(name, L)
+            for e in range(m.n_experts):
+                for p in ("gate_proj", "up_proj", "down_proj"):
+                    key = f"{hf}.{e}.{p}.weight"
+                    shapes[key], owner[key] = tuple(getattr(m, p).shape[1:]), name
+    chosen = targets(shapes, skip)
+    for key in chosen:  # group sizes first: fail before changing anything
+        scheme.group_for(shapes[key][-1], key)
+    names = sorted({owner[k] for k in chosen})
+    weights = {n: model.get_submodule(n) for n in names}
+    swap_modules(model, set(names), scheme)
+    for n in names:
+        old, new = weights[n], model.get_submodule(n)
+        if isinstance(old, nn.Linear):
+            set_weight(new.quant, old.weight, scheme, n)
+        else:
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                set_weight(getattr(new, p), getattr(old, p), scheme, f"{n}.{p}")
+    return names
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, skip: list[str] = (),
+                        max_shard_size: int = 5 * 2**30) -> dict:
+    """Write `dst`, a copy of `src` with its projections quantised; → counts and byte sizes."""
+    src, dst = Path(src), Path(dst)
+    cfg = _read_config(src)
+    qc = cfg.extra.get("quantization_config") or {}
+    if qc.get("quant_method") == "compressed-tensors":
+        raise QuantError(f"{src} is already quantised ({qc.get('config_groups', {}).get('group_0', {}).get('weights', {}).get('num_bits')}-bit "
+                         f"compressed-tensors); quantise the original high-precision model")
+    block = _fp8_block(cfg)
+    if dst.resolve() == src.resolve():
+        raise QuantError("quantize writes a new directory; choose OUT other than MODEL")
+    files = SafetensorsFiles()
+    key_files = _key_files(src, files)
+    shapes = {k: tuple(files[f].get_slice(k).get_shape()) for k, f in key_files.items() if not k.endswith("_scale_inv")}
+    chosen = set(targets(shapes, skip))
+    for key in sorted(chosen):
+        scheme.group_for(shapes[key][-1], key)
+    stats = {"tensors": len(shapes), "quantized": len(chosen), "source_bytes": 0, "bf16_bytes": 0,
+             "quantized_bytes": 0, "total_bytes": 0}
+
+    def read(key: str) -> torch.Tensor:
+        t = files.read(key_files, key)
+        if t.dtype == torch.float8_e4m3fn:
+            if block is None or key + "_scale_inv" not in key_files:
+                raise CheckpointError(f"{key_files[key].name}: {key} is fp8 but has no {key}_scale_inv")
+            t = dequantize_fp8_block(t, files.read(key_files, key + "_scale_inv"), block, torch.float32)
+        return t
+
+    def shards():
+        current, size = {}, 0
+        for key in sorted(shapes):
+            t = read(key)
+            if key in chosen:
+                stored, scales = encode(t, scheme, key)
+                base = key.removesuffix(".weight")
+                out = {f"{base}.weight_packed": to_disk(stored, scheme.bits), f"{base}.weight_scale": scales,
+                       f"{base}.weight_shape": torch.tensor(t.shape, dtype=torch.int64)}
+                stats["source_bytes"] += t.nbytes
+                stats["bf16_bytes"] += t.numel() * 2
+                stats["quantized_bytes"] += sum(v.nbytes for v in out.values())
+            else:
+                out = {key: t}
+            for k, v in out.items():
+                if current and size + v.nbytes > max_shard_size:
+                    yield current
+                    current, size = {}, 0
+                current[k] = v.contiguous()
+                size += v.nbytes
+                stats["total_bytes"] += v.nbytes
+        if current:
+            yield current
+
+    tmp = mkdtemp(f".{dst.name}.", mkdir(dst.parent.resolve()))
+    try:
+        stats["shards"] = write_weights(tmp, shards())
+        raw = json.loads((src / "config.json").read_text())
+        raw.pop("quantization_config", None)  # an fp8 source was dequantised
+        ignore = sorted({k.removesuffix(".weight") for k, s in shapes.items()
+                         if k.endswith(".weight") and len(s) == 2 and k not in chosen})
+        raw["quantization_config"] = quantization_config(scheme, ignore)
+        atomic_write_text(tmp / "config.json", json.dumps(raw, indent=2, sort_keys=True))
+        for name in SIDE_FILES + ("train_config.json",):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+                fsync_file(tmp / name)
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats

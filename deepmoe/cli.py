@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_posttrain import add_distill_parser, add_grpo_parser, add_sft_parser
+from .quant.cli import add_quantize_parser
 from .cli_args import (DTYPES, Parser, add_device_dtype, add_model_arg, at_least, device, dtype_name,
                        existing_path, model_dir, non_empty, resolve_model_arg, shard_size, torch_dtype)
 
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deepmoe {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_info_parser, add_convert_parser, add_generate_parser, add_train_parser, add_eval_parser,
-                add_serve_parser, add_merge_parser, add_sft_parser, add_distill_parser, add_grpo_parser):
+                add_serve_parser, add_merge_parser, add_sft_parser, add_distill_parser, add_grpo_parser,
+                add_quantize_parser):
         add(sub)
     return p
 

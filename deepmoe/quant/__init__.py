@@ -1,10 +1,19 @@
-"""Weight-only int8 / int4 quantisation: schemes, quantised modules, the compressed-tensors format."""
+"""Weight-only int8 / int4 quantisation: schemes (scheme.py), quantised modules (modules.py) and their CPU
+kernels (cpu.py), the compressed-tensors format (format.py), `deepmoe quantize` (quantize.py, cli.py).
+Names are imported on first use, so the command line's parser imports no torch through here."""
 
-from .format import read_scheme
-from .modules import QuantExperts, QuantLinear, prepare_cpu, use_reference
-from .quantize import quantize_checkpoint, quantize_model
-from .scheme import QuantError, QuantScheme, dequantize_groups, pack_int4, quantize_groups, unpack_int4
+from importlib import import_module
 
-__all__ = ["QuantError", "QuantExperts", "QuantLinear", "QuantScheme", "dequantize_groups", "pack_int4",
-           "prepare_cpu", "quantize_checkpoint", "quantize_groups", "quantize_model", "read_scheme",
-           "unpack_int4", "use_reference"]
+_WHERE = {"read_scheme": "format", "QuantExperts": "modules", "QuantLinear": "modules", "prepare_cpu": "modules",
+          "use_reference": "modules", "quantize_checkpoint": "quantize", "quantize_model": "quantize",
+          "QuantError": "scheme", "QuantScheme": "scheme", "dequantize_groups": "scheme", "pack_int4": "scheme",
+          "quantize_groups": "scheme", "unpack_int4": "scheme"}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

@@ -45,7 +45,7 @@ class QuantWeight(nn.Module):
             if self.int8_cpu:
                 q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
                 return cpu.int8_mm(x, q, s)
-            if self.int4_cpu is not None:
+            if self.int4_cpu is not None and x.shape[0] == 1:  # see cpu.py: slower for several rows
                 kernel = self.int4_cpu[0 if index is None else index]
                 if kernel is not None:
                     return cpu.int4_mm(x, *kernel)
@@ -64,7 +64,7 @@ class QuantWeight(nn.Module):
             return t if i is None else t[i]
 
         if self.bits == 8:
-            ok = all(cpu.agrees(lambda x, i=i: cpu.int8_mm(x, pick(self.qweight, i), pick(self.scales, i)),
+            ok = self.scales.shape[-1] == 1 and all(cpu.agrees(lambda x, i=i: cpu.int8_mm(x, pick(self.qweight, i), pick(self.scales, i)),
                                 lambda x, i=i: x @ self.dequantized(i).T, self.in_features) for i in indices[:1])
             self.int8_cpu = ok
             return len(indices) if ok else 0

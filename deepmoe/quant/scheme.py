@@ -48,9 +48,12 @@ class QuantScheme:
     def group_for(self, in_features: int, name: str = "weight") -> int:
         """The group size used for a weight with `in_features` inputs; a clear error if it does not fit."""
         g = min(self.group_size, in_features)
-        if in_features % g or in_features % 8:
+        if in_features % g:
             raise QuantError(f"{name}: input dimension {in_features} is not a multiple of the group size "
-                             f"{self.group_size} (and 8); choose a --group-size that divides it or --skip it")
+                             f"{self.group_size}; choose a --group-size that divides it, or --skip the tensor")
+        if in_features % 8:
+            raise QuantError(f"{name}: input dimension {in_features} is not a multiple of 8, which the packed "
+                             f"format needs; --skip the tensor")
         return g
 
     def packed_cols(self, in_features: int) -> int:

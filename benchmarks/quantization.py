@@ -1,0 +1,94 @@
+"""What `deepmoe quantize` costs and saves on one model: held-out perplexity, bytes of the quantised tensors,
+and batch-1 greedy decode speed, for the model as saved (fp32 for a `deepmoe train` run), int8 and int4.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.quantization MODEL_DIR [--group-size 128] [--max-batches 40]
+
+Perplexity is `deepmoe eval`'s: the held-out split the model was trained on (train_config.json beside the
+weights; `deepmoe quantize` copies it), the first --max-batches batches of 8 × seq_len tokens. Decode is
+the engine (`LLM`) on CPU with one sequence: the mean of --repeats runs of --new-tokens greedy tokens after
+a 16-token prompt, one warm-up run first. Sizes are of the tensors quantize replaces, against the same
+tensors in bf16. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deepmoe.checkpoint import load_pretrained
+from deepmoe.data import PackedDataset, read_documents, split_documents
+from deepmoe.engine.llm import LLM
+from deepmoe.engine.sequence import SamplingParams
+from deepmoe.quant import QuantScheme, quantize_checkpoint
+from deepmoe.tokenizer import load_tokenizer
+from deepmoe.train.config import TrainConfig, default_cache_dir
+from deepmoe.train.data import text_bytes, token_stream
+from deepmoe.train.evaluate import evaluate
+from deepmoe.train.state import TRAIN_CONFIG
+
+
+def perplexity(path: Path, max_batches: int) -> dict:
+    model = load_pretrained(path, device="cpu", load_mtp=False)
+    tok = load_tokenizer(path)
+    saved = TrainConfig.from_json(path / TRAIN_CONFIG)
+    docs = split_documents(read_documents(saved.data, saved.text_field), saved.val_fraction, saved.seed)[1]
+    tokens = token_stream(docs, tok, str(Path(default_cache_dir()) / "tokens"), "eval")
+    return evaluate(model, PackedDataset(tokens, saved.seq_len or 256), 8, max_batches, text_bytes(docs) / len(tokens))
+
+
+def decode_speed(path: Path, new_tokens: int, repeats: int) -> float:
+    llm = LLM(path, device="cpu", max_num_seqs=1, kv_cache_bytes=64 * 2**20)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prompt = list(range(10, 26))
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate([prompt], params)
+        times.append(time.perf_counter() - t0)
+    return new_tokens / (sum(times) / len(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", type=Path)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--max-batches", type=int, default=40)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [("as saved", args.model, None)]
+        for name in ("int8", "int4"):
+            out = Path(tmp) / name
+            stats = quantize_checkpoint(args.model, out, QuantScheme(name, args.group_size))
+            variants.append((f"{name} g{args.group_size}", out, stats))
+        base_ppl = None
+        for label, path, stats in variants:
+            r = perplexity(path, args.max_batches)
+            base_ppl = base_ppl or r["ppl"]
+            tps = decode_speed(path, args.new_tokens, args.repeats)
+            if stats is None:
+                size = "—"
+            else:
+                size = (f"{stats['quantized_bytes'] / 2**20:.2f} MiB ({stats['quantized_bytes'] / stats['bf16_bytes']:.3f}×"
+                        f" of {stats['bf16_bytes'] / 2**20:.2f} MiB bf16)")
+            rows.append((label, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base_ppl - 1):+.2f}%", f"{r['bpb']:.4f}",
+                         size, f"{tps:.1f}"))
+            print(f"{label}: {r['tokens']} tokens", flush=True)
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)\n")
+    print("| weights | ppl | Δ ppl | bits/byte | quantised tensors on disk | decode tok/s (batch 1, CPU) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

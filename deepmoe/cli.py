@@ -48,7 +48,7 @@ def cmd_info(args) -> int:
 
 # ---- convert ------------------------------------------------------------------------------------------
 def add_convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="rewrite a checkpoint: FP8 → bf16, re-shard")
+    p = sub.add_parser("convert", help="rewrite a checkpoint: FP8 or int8/int4 → bf16, re-shard")
     p.add_argument("src", type=model_dir, help="the checkpoint directory to read")
     p.add_argument("dst", help="the directory to write (must differ from src)")
     p.add_argument("--dtype", type=dtype_name, choices=list(DTYPES), default="bf16",
@@ -62,7 +62,7 @@ def cmd_convert(args) -> int:
 
     t0 = time.perf_counter()
     r = convert_checkpoint(args.src, args.dst, dtype=torch_dtype(args.dtype), max_shard_size=args.max_shard_size)
-    print(f"wrote {args.dst}: {r['tensors']} tensors ({r['dequantized']} dequantized from fp8), "
+    print(f"wrote {args.dst}: {r['tensors']} tensors ({r['dequantized']} dequantized from fp8 or int8/int4), "
           f"{r['shards']} shard(s), {r['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f}s")
     return 0
 

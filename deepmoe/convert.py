@@ -1,4 +1,4 @@
-"""`deepmoe convert`: rewrite a checkpoint directory tensor by tensor (FP8 → bf16, re-sharding).
+"""`deepmoe convert`: rewrite a checkpoint directory tensor by tensor (FP8 or int8/int4 → bf16, re-sharding).
 
 Streaming, without building a model: each tensor is read, dequantized if it is an FP8 block weight,
 cast, and appended to the current output shard, so memory stays near one shard.
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, SafetensorsFiles, _fp8_block, _key_files, _read_config, write_weights
+from .checkpoint import (CheckpointError, SafetensorsFiles, _fp8_block, _int_scheme, _key_files, _read_config,
+                         write_weights)
 from .durable import atomic_write, atomic_write_text, mkdir
 from .fp8 import dequantize_fp8_block
 
@@ -44,15 +45,24 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
     files = SafetensorsFiles()
     key_files = _key_files(src, files)
     block = _fp8_block(cfg)
+    scheme = _int_scheme(cfg)  # int8/int4 codes (deepmoe quantize) are dequantized like fp8 blocks
     dst = mkdir(dst)
-    keys = sorted(k for k in key_files if not k.endswith("_scale_inv"))
+    keys = sorted(k for k in key_files if not k.endswith(("_scale_inv", ".weight_scale", ".weight_shape")))
     counts = {"bytes": 0, "dequantized": 0}
 
     def shards():  # one shard's tensors at a time
         current, size = {}, 0
         for key in keys:
             t = files.read(key_files, key)
-            if t.dtype == torch.float8_e4m3fn:
+            if scheme is not None and key.endswith(".weight_packed"):
+                from .quant.format import from_disk
+                from .quant.scheme import decode
+
+                base = key.removesuffix("_packed")
+                t = decode(from_disk(t, scheme.bits), files.read(key_files, base + "_scale"), scheme.bits, dtype)
+                key = base
+                counts["dequantized"] += 1
+            elif t.dtype == torch.float8_e4m3fn:
                 scale_key = key + "_scale_inv"
                 if block is None or scale_key not in key_files:
                     raise CheckpointError(f"{key_files[key].name}: {key} is fp8 but has no {scale_key}")

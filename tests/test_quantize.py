@@ -237,3 +237,14 @@ def test_cli_quantize_reports_sizes(tiny, tmp_path, capsys):
     assert "multiple of 8" in capsys.readouterr().err
     with pytest.raises(ValueError, match="quantised weights"):
         save_pretrained(load_pretrained(tmp_path / "q"), tmp_path / "s")
+
+
+def test_convert_dequantizes_a_quantised_directory(quantized, tmp_path):
+    from deepmoe.convert import convert_checkpoint
+
+    r = convert_checkpoint(quantized[1], tmp_path / "dense", dtype=torch.float32)
+    assert r["dequantized"] == 177  # the tiny model's quantised projections, each back to one `.weight`
+    dense, loaded = load_pretrained(tmp_path / "dense"), load_pretrained(quantized[1])
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    torch.testing.assert_close(dense.model.layers[1].mlp.experts.up_proj[3],
+                               loaded.model.layers[1].mlp.experts.up_proj.dequantized(3), rtol=0, atol=0)

@@ -248,3 +248,13 @@ def test_convert_dequantizes_a_quantised_directory(quantized, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
     torch.testing.assert_close(dense.model.layers[1].mlp.experts.up_proj[3],
                                loaded.model.layers[1].mlp.experts.up_proj.dequantized(3), rtol=0, atol=0)
+
+
+def test_a_quantised_directory_runs_in_bf16(quantized, tiny):
+    path, ids = quantized[1], tiny[2]
+    bf16 = load_pretrained(path, dtype=torch.bfloat16)
+    assert bf16.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.bfloat16  # absorbed attention's view
+    got, ref = logits(bf16, ids), logits(load_pretrained(path), ids)
+    assert float((got - ref).norm() / ref.norm()) < 0.03
+    llm = LLM(path, device="cpu", dtype=torch.bfloat16, kv_cache_bytes=1 << 20, block_size=4)
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].token_ids) == 3

@@ -81,16 +81,19 @@ class QuantWeight(nn.Module):
 
 class QuantLinear(nn.Module):
     """A bias-free nn.Linear with quantised weight. `weight` is the dequantised matrix (what absorbed
-    attention views per head), computed on each access."""
+    attention views per head), computed on each access in the model's dtype: an empty buffer of that dtype
+    follows `.to(dtype)` (which casts the fp32 scales too)."""
 
-    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, name: str = "weight"):
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, name: str = "weight",
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant = QuantWeight((out_features, in_features), scheme, name)
+        self.register_buffer("dtype_of_weight", torch.empty(0, dtype=dtype), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.quant.dequantized(dtype=torch.get_default_dtype())
+        return self.quant.dequantized(dtype=self.dtype_of_weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -190,7 +193,7 @@ def swap_modules(model: nn.Module, names: set[str], scheme: QuantScheme) -> None
             if isinstance(old, nn.Linear):
                 if old.bias is not None:
                     raise QuantError(f"{name}: quantising a Linear with a bias is not supported")
-                new = QuantLinear(old.in_features, old.out_features, scheme, name)
+                new = QuantLinear(old.in_features, old.out_features, scheme, name, old.weight.dtype)
             elif isinstance(old, Experts):
                 E, inter, d = old.gate_proj.shape
                 new = QuantExperts(E, d, inter, scheme, name)

@@ -1,7 +1,9 @@
 """The GPU suite: one call on a GPU machine runs every CUDA-marked test and every GPU benchmark and prints
 one summary table last (step, status, seconds, the step's own figures and ratios).
 
-    python benchmarks/gpu_suite.py                 # on one H100/H200: about 9 minutes
+    python benchmarks/gpu_suite.py                 # on one H100/H200: more than one 10-minute call now;
+    python benchmarks/gpu_suite.py --only CUDA train   # so split it: the tests and training steps,
+    python benchmarks/gpu_suite.py --only decode rollout serve   # then inference (estimates, not yet timed)
     python benchmarks/gpu_suite.py --cpu-check     # the same steps at CPU sizes: proves the suite runs
 
 GPU time is scarce, so each step has its own time limit and a failing or slow step does not stop the
@@ -75,7 +77,7 @@ def steps() -> list[Step]:
               "--rounds", "2"],
              [PY, b + "decode_roofline.py", "--new-tokens", "8", "--rounds", "1", "--no-cuda-graphs"], 150),
         # speculative decoding needs an MTP layer that drafts well: train `tiny` (with its MTP layer) here first
-        Step("MTP speculative decode, batch 1, tiny trained 300 steps",
+        Step("MTP speculative decode, batch 1, tiny after 300 steps",
              ["bash", "-c", f"{PY} -m deepmoe.cli train --device cuda --steps 300 --out /tmp/suite-mtp >/dev/null && "
               f"{PY} {b}decode.py --device cuda --model /tmp/suite-mtp/final --prompt 'import os' "
               "--new-tokens 128 --rounds 3"],

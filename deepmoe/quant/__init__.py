@@ -1,5 +1,6 @@
-"""Weight-only int8 / int4 quantisation: schemes (scheme.py), quantised modules (modules.py) and their CPU
-kernels (cpu.py), the compressed-tensors format (format.py), `deepmoe quantize` (quantize.py, cli.py).
+"""Weight-only int8 / int4 / fp8 quantisation: schemes (scheme.py), quantised modules (modules.py) and their
+CPU kernels (cpu.py), the compressed-tensors and FP8 block formats (format.py), `deepmoe quantize`
+(quantize.py, cli.py).
 Names are imported on first use, so the command line's parser imports no torch through here."""
 
 from importlib import import_module

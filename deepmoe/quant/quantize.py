@@ -1,4 +1,5 @@
-"""`deepmoe quantize`: write a model directory's projections as int8 / int4 (round to nearest).
+"""`deepmoe quantize`: write a model directory's projections as int8 / int4 (round to nearest) or as fp8
+128×128 blocks (DeepSeek-V3's release format).
 
 Which tensors: every 2-D `*.weight` of the checkpoint — the attention and MLP projections of the decoder
 and MTP layers, the shared experts, and each routed expert — except the embedding, the head (and the MTP
@@ -26,9 +27,9 @@ from ..checkpoint import (CheckpointError, SafetensorsFiles, _EXPERT, _fp8_block
 from ..convert import SIDE_FILES
 from ..durable import atomic_write_text, fsync_file, mkdir, mkdtemp, replace_dir
 from ..fp8 import dequantize_fp8_block
-from .format import quantization_config, to_disk
+from .format import disk_tensors, quantization_config
 from .modules import set_weight, swap_modules
-from .scheme import QuantError, QuantScheme, encode
+from .scheme import QuantError, QuantScheme
 
 KEEP = (r"embed_tokens$", r"(^|\.)lm_head$", r"shared_head\.head$", r"\.mlp\.gate$")  # always high precision
 
@@ -68,6 +69,10 @@ def hf_module(name: str, num_layers: int) -> str:
 def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
     """Quantise a built model in place (what loading a `quantize_checkpoint` output gives); → module names."""
     from torch import nn
+
+    if scheme.fp8:
+        raise QuantError("fp8 is an on-disk format (deepmoe loads it dequantised): quantize_checkpoint it and "
+                         "load the directory")
 
     from ..model.experts import Experts
 
@@ -109,6 +114,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
         raise QuantError(f"{src} is already quantised ({qc.get('config_groups', {}).get('group_0', {}).get('weights', {}).get('num_bits')}-bit "
                          f"compressed-tensors); quantise the original high-precision model")
     block = _fp8_block(cfg)
+    if block is not None and scheme.fp8:
+        raise QuantError(f"{src} is already fp8 ({block[0]}x{block[1]} blocks); it is the format asked for")
     if dst.resolve() == src.resolve():
         raise QuantError("quantize writes a new directory; choose OUT other than MODEL")
     files = SafetensorsFiles()
@@ -133,10 +140,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
         for key in sorted(shapes):
             t = read(key)
             if key in chosen:
-                stored, scales = encode(t, scheme, key)
-                base = key.removesuffix(".weight")
-                out = {f"{base}.weight_packed": to_disk(stored, scheme.bits), f"{base}.weight_scale": scales,
-                       f"{base}.weight_shape": torch.tensor(t.shape, dtype=torch.int64)}
+                out = disk_tensors(key, t, scheme)
                 stats["source_bytes"] += t.nbytes
                 stats["bf16_bytes"] += t.numel() * 2
                 stats["quantized_bytes"] += sum(v.nbytes for v in out.values())

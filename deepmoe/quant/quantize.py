@@ -66,13 +66,10 @@ def hf_module(name: str, num_layers: int) -> str:
     return name
 
 
-def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
-    """Quantise a built model in place (what loading a `quantize_checkpoint` output gives); → module names."""
+def target_modules(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
+    """The model's modules (nn.Linear layers and routed Experts) whose weights `deepmoe quantize` replaces,
+    chosen by `targets` on their checkpoint names; a clear error if a weight does not fit the scheme."""
     from torch import nn
-
-    if scheme.fp8:
-        raise QuantError("fp8 is an on-disk format (deepmoe loads it dequantised): quantize_checkpoint it and "
-                         "load the directory")
 
     from ..model.experts import Experts
 
@@ -89,9 +86,19 @@ def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str
                     key = f"{hf}.{e}.{p}.weight"
                     shapes[key], owner[key] = tuple(getattr(m, p).shape[1:]), name
     chosen = targets(shapes, skip)
-    for key in chosen:  # group sizes first: fail before changing anything
+    for key in chosen:  # group sizes first: fail before anything changes
         scheme.group_for(shapes[key][-1], key)
-    names = sorted({owner[k] for k in chosen})
+    return sorted({owner[k] for k in chosen})
+
+
+def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
+    """Quantise a built model in place (what loading a `quantize_checkpoint` output gives); → module names."""
+    from torch import nn
+
+    if scheme.fp8:
+        raise QuantError("fp8 is an on-disk format (deepmoe loads it dequantised): quantize_checkpoint it and "
+                         "load the directory")
+    names = target_modules(model, scheme, skip)
     weights = {n: model.get_submodule(n) for n in names}
     swap_modules(model, set(names), scheme)
     for n in names:

@@ -143,3 +143,22 @@ def test_sft_with_qat_then_quantize(base, tmp_path, capsys):
     assert main(["sft", "--model", str(base), "--task", TASK, "--out", str(tmp_path / "bad"), "--qat", "int4",
                  "--lora-rank", "4"]) == 2
     assert "a LoRA run freezes them" in capsys.readouterr().err
+
+
+def test_train_with_qat(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text("".join(f"value_{j} = compute(x, {i * j % 7})\n" for j in range(30)))
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps(v3_config(rope_scaling=None, max_position_embeddings=64).to_hf_dict()))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                 "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                 "--no-progress", "--no-plots", "--sample-tokens", "0", "--out", str(out),
+                 "--qat", "int8", "--qat-group-size", "32"]) == 0
+    assert "qat       int8 g32: " in capsys.readouterr().out
+    assert json.loads((out / "train_config.json").read_text())["qat"] == "int8"
+    assert main(["train", "--config", str(cfg), "--data", str(corpus), "--out", str(tmp_path / "r"), "--qat",
+                 "int4", "--precision", "fp8"]) == 2
+    assert "choose one" in capsys.readouterr().err

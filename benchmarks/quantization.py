@@ -1,7 +1,7 @@
 """What `deepmoe quantize` costs and saves on one model: held-out perplexity, bytes of the quantised tensors,
-and batch-1 greedy decode speed, for the model as saved (fp32 for a `deepmoe train` run), int8 and int4.
+and batch-1 greedy decode speed, for the model as saved (fp32 for a `deepmoe train` run), int8, int4 and fp8.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.quantization MODEL_DIR [--group-size 128] [--max-batches 40]
+    OMP_NUM_THREADS=1 python -m benchmarks.quantization MODEL_DIR [--group-size 128] [--max-batches 40] [--schemes int8 int4 fp8]
 
 Perplexity is `deepmoe eval`'s: the held-out split the model was trained on (train_config.json beside the
 weights; `deepmoe quantize` copies it), the first --max-batches batches of 8 × seq_len tokens. Decode is
@@ -33,7 +33,7 @@ from deepmoe.train.state import TRAIN_CONFIG
 
 
 def perplexity(path: Path, max_batches: int) -> dict:
-    model = load_pretrained(path, device="cpu", load_mtp=False)
+    model = load_pretrained(path, device="cpu", dtype=torch.float32, load_mtp=False)
     tok = load_tokenizer(path)
     saved = TrainConfig.from_json(path / TRAIN_CONFIG)
     docs = split_documents(read_documents(saved.data, saved.text_field), saved.val_fraction, saved.seed)[1]
@@ -42,7 +42,7 @@ def perplexity(path: Path, max_batches: int) -> dict:
 
 
 def decode_speed(path: Path, new_tokens: int, repeats: int) -> float:
-    llm = LLM(path, device="cpu", max_num_seqs=1, kv_cache_bytes=64 * 2**20)
+    llm = LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=1, kv_cache_bytes=64 * 2**20)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     prompt = list(range(10, 26))
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
@@ -61,14 +61,16 @@ def main() -> None:
     p.add_argument("--max-batches", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--schemes", nargs="+", default=["int8", "int4", "fp8"], choices=["int8", "int4", "fp8"])
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = [("as saved", args.model, None)]
-        for name in ("int8", "int4"):
+        for name in args.schemes:
             out = Path(tmp) / name
-            stats = quantize_checkpoint(args.model, out, QuantScheme(name, args.group_size))
-            variants.append((f"{name} g{args.group_size}", out, stats))
+            scheme = QuantScheme(name, 128 if name == "fp8" else args.group_size)
+            stats = quantize_checkpoint(args.model, out, scheme)
+            variants.append((f"{name} 128x128" if name == "fp8" else f"{name} g{args.group_size}", out, stats))
         base_ppl = None
         for label, path, stats in variants:
             r = perplexity(path, args.max_batches)

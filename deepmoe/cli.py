@@ -224,6 +224,10 @@ TRAIN_HELP = {
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp8 (DeepSeek-V3's FP8 GEMMs; "
                  "emulated exactly on CPU)",
+    "qat": "quantisation-aware training: fake-quantise the weights `deepmoe quantize --scheme` int8/int4 would "
+           "quantise, in the forward pass (straight-through gradient); quantise the result with the same scheme "
+           "(default: off)",
+    "qat_group_size": "--qat: input channels per scale, as `deepmoe quantize --group-size`",
     "activation_checkpointing": "recompute each block in backward to save memory",
     "compile": "torch.compile each decoder block", "seed": "seed of initialisation, split and data order",
     "max_bad_steps": "consecutive non-finite steps before the run stops",
@@ -243,9 +247,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     import typing
 
     from .config import list_presets
-    from .train.config import PRECISIONS, SCHEDULES, TrainConfig
+    from .train.config import PRECISIONS, QAT_SCHEMES, SCHEDULES, TrainConfig
 
-    choices = {"preset": list_presets(), "schedule": SCHEDULES, "precision": PRECISIONS}
+    choices = {"preset": list_presets(), "schedule": SCHEDULES, "precision": PRECISIONS, "qat": QAT_SCHEMES}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in TRAIN_HELP:

@@ -51,6 +51,9 @@ SFT_HELP = {
     "lora_dropout": "LoRA: dropout on the input of the linear layers' adapters",
     "device": "cpu, cuda or cuda:N (default: cuda if available)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "qat": "quantisation-aware training: fake-quantise the weights `deepmoe quantize --scheme` int8/int4 would "
+           "quantise, in the forward pass (straight-through gradient); not with --lora-rank (default: off)",
+    "qat_group_size": "--qat: input channels per scale, as `deepmoe quantize --group-size`",
     "activation_checkpointing": "recompute each block in backward", "compile": "torch.compile each block",
     "seed": "seed of problem generation and data order", "max_bad_steps": "non-finite steps in a row before stopping",
     "eval_every": "steps between validations (default: a tenth of the steps)",
@@ -125,13 +128,13 @@ def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
     from .posttrain.config import DISTILL_MODES, PRECISIONS
     from .posttrain.data import BAD_LINE_POLICIES
     from .posttrain.losses import KL_KINDS
-    from .train.config import SCHEDULES
+    from .train.config import QAT_SCHEMES, SCHEDULES
 
     from .posttrain.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 
     choices = {"on_bad_line": BAD_LINE_POLICIES, "schedule": SCHEDULES, "precision": PRECISIONS,
                "mode": DISTILL_MODES, "kl": KL_KINDS, "student_preset": list_presets(), "loss_type": LOSS_TYPES,
-               "scale_rewards": SCALE_REWARDS}
+               "scale_rewards": SCALE_REWARDS, "qat": QAT_SCHEMES}
     types = {"device": device, "teacher": model_dir, "model": model_dir, "data": existing_path,
              "student_config": existing_path, "lora_rank": at_least(1)}
     hints = typing.get_type_hints(cls)

@@ -13,6 +13,7 @@ from deepmoe import build_model, load_pretrained, save_pretrained
 from deepmoe.cli import main
 from deepmoe.engine.llm import LLM
 from deepmoe.engine.sequence import SamplingParams
+from deepmoe.fp8 import dequantize_fp8_block, quantize_fp8_block
 from deepmoe.quant import (QuantError, QuantExperts, QuantLinear, QuantScheme, dequantize_groups, pack_int4,
                            prepare_cpu, quantize_checkpoint, quantize_model, quantize_groups, unpack_int4,
                            use_reference)
@@ -221,8 +222,8 @@ def test_a_crash_mid_write_leaves_no_output(tiny, tmp_path, monkeypatch):
             raise RuntimeError("injected crash")
         return real(*args, **kwargs)
 
-    real = quantize_module.encode
-    monkeypatch.setattr(quantize_module, "encode", failing)
+    real = quantize_module.disk_tensors
+    monkeypatch.setattr(quantize_module, "disk_tensors", failing)
     with pytest.raises(RuntimeError, match="injected crash"):
         quantize_checkpoint(tiny[1], tmp_path / "out", QuantScheme("int8", GROUP))
     assert list(tmp_path.iterdir()) == []  # neither OUT nor the hidden directory it was being written in
@@ -258,3 +259,89 @@ def test_a_quantised_directory_runs_in_bf16(quantized, tiny):
     assert float((got - ref).norm() / ref.norm()) < 0.03
     llm = LLM(path, device="cpu", dtype=torch.bfloat16, kv_cache_bytes=1 << 20, block_size=4)
     assert len(llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+# ---- fp8: DeepSeek-V3's 128x128 block format ---------------------------------------------------------------
+def read_all(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "model"
+    stats = quantize_checkpoint(tiny[1], out, QuantScheme("fp8"))
+    return out, stats
+
+
+def test_fp8_output_is_the_release_layout(fp8, tiny):
+    path, stats = fp8
+    assert json.loads((path / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    src, out = read_all(tiny[1]), read_all(path)
+    scaled = {k.removesuffix("_scale_inv") for k in out if k.endswith("_scale_inv")}
+    assert stats["quantized"] == len(scaled) == 177  # the same projections as int8/int4
+    for kept in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"):
+        assert kept not in scaled and out[kept].dtype == torch.float32
+    assert {"model.layers.1.mlp.experts.5.down_proj.weight", "model.layers.3.eh_proj.weight",
+            "model.layers.0.self_attn.kv_b_proj.weight"} <= scaled
+    for key in scaled:
+        w, s = out[key], out[key + "_scale_inv"]
+        assert w.dtype == torch.float8_e4m3fn and w.shape == src[key].shape and s.dtype == torch.float32
+        assert s.shape == (-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+        q, scale_inv = quantize_fp8_block(src[key])
+        assert torch.equal(w.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s, scale_inv)
+    assert set(out) == set(src) | {k + "_scale_inv" for k in scaled}
+    assert 0.5 < stats["quantized_bytes"] / stats["bf16_bytes"] < 0.51  # a byte a weight + a few scales
+
+
+def test_fp8_reads_back_as_the_dequantised_weights_exactly(fp8, tiny, tmp_path):
+    path, _ = fp8
+    src, out = read_all(tiny[1]), read_all(path)
+    expected = {k: (dequantize_fp8_block(out[k], out[k + "_scale_inv"], (128, 128), torch.float32)
+                    if k + "_scale_inv" in out else t) for k, t in src.items()}
+    loaded = load_pretrained(path, dtype=torch.float32)
+    save_pretrained(loaded, tmp_path / "back", dtype=torch.float32)  # the loaded weights in checkpoint names
+    back = read_all(tmp_path / "back")
+    assert set(back) == set(expected)
+    unequal = [k for k in expected if not torch.equal(back[k], expected[k])]
+    assert unequal == []
+    changed = sum(not torch.equal(back[k], src[k]) for k in src)
+    assert changed == 177  # every quantised projection moved, nothing else did
+
+
+def test_transformers_reads_the_fp8_output(fp8, tiny):
+    transformers = pytest.importorskip("transformers")
+    path, ids = fp8[0], tiny[2]
+    # transformers dequantises fp8 blocks on a machine without a GPU (it warns and loads plain Linear layers)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_pretrained(path, dtype=torch.float32, load_mtp=False)
+    layer = hf.model.layers[0].self_attn.q_a_proj
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.dtype == torch.float32
+    assert torch.equal(layer.weight, ours.model.layers[0].self_attn.q_a_proj.weight)
+    with torch.no_grad():
+        theirs = hf(ids).logits.float()
+    torch.testing.assert_close(theirs, logits(ours, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_bad_requests(fp8, quantized, tmp_path):
+    with pytest.raises(QuantError, match="already fp8"):
+        quantize_checkpoint(fp8[0], tmp_path / "again", QuantScheme("fp8"))
+    with pytest.raises(QuantError, match="already quantised"):
+        quantize_checkpoint(quantized[1], tmp_path / "again", QuantScheme("fp8"))
+    with pytest.raises(QuantError, match="--group-size applies to int8/int4 only"):
+        QuantScheme("fp8", 64)
+    with pytest.raises(QuantError, match="on-disk format"):
+        quantize_model(build_model(v3_config(), seed=0), QuantScheme("fp8"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_cli_quantize_fp8(tiny, tmp_path, capsys):
+    assert main(["quantize", str(tiny[1]), str(tmp_path / "q"), "--scheme", "fp8"]) == 0
+    assert "to fp8 (128x128 blocks)" in capsys.readouterr().out
+    assert main(["quantize", str(tiny[1]), str(tmp_path / "r"), "--scheme", "fp4"]) == 2
+    assert "invalid choice: 'fp4'" in capsys.readouterr().err

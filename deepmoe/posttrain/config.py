@@ -79,6 +79,8 @@ class SFTConfig:
     # execution
     device: str | None = None
     precision: str = "auto"
+    qat: str | None = None  # quantisation-aware training (quant/qat.py), as TrainConfig's
+    qat_group_size: int = 128
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -122,6 +124,8 @@ class SFTConfig:
                  "--lora-alpha, --lora-targets and --lora-dropout need --lora-rank R (LoRA fine-tuning)")
             return
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.qat is None, "--qat trains the weights that will be quantised, but a LoRA run freezes them: "
+                               "fine-tune fully with --qat, or quantise the merged LoRA model without it")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(any(t.strip() for t in self.lora_targets.split(",")),

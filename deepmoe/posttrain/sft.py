@@ -46,7 +46,7 @@ from ..train.loop import TrainingError, optimizer_update
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizer, lr_at, set_lr
 from ..train.state import list_checkpoints, load_trainer_state, save_checkpoint, write_model_dir
-from ..train.transforms import apply_activation_checkpointing, apply_compile, autocast_context
+from ..train.transforms import apply_activation_checkpointing, apply_compile, autocast_context, qat_summary
 from .config import SFTConfig, resolve_steps
 from .data import Batch, SFTData, build_sft_data, load_records
 from .footprint import footprint, format_footprint
@@ -118,6 +118,8 @@ class SFTTrainer:
             self.state.update(saved)
         else:
             atomic_write_text(self.run_dir / cfg.FILE, json.dumps(cfg.to_dict(), indent=2))
+        if cfg.qat:  # after loading: the same Parameters, fake-quantised in the forward pass
+            print(qat_summary(self.model, cfg))
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:

@@ -1,4 +1,5 @@
-"""The on-disk format: compressed-tensors' `pack-quantized` layout, which vLLM and llm-compressor read.
+"""The on-disk formats: compressed-tensors' `pack-quantized` layout (int8 / int4), which vLLM and
+llm-compressor read, and DeepSeek-V3's FP8 block layout (fp8), which its release uses.
 
 For each quantised projection `P` (checkpoint names, so routed experts are `…mlp.experts.{e}.gate_proj`):
   P.weight_packed  int32 (out, in·bits/32): codes + 2^(bits−1) as unsigned bits-wide fields, element i of a
@@ -12,13 +13,21 @@ strategy: group, group_size}}}, ignore: [the projections left in high precision]
 Routed experts need no special layout: the checkpoint already stores them one 2-D key per expert.
 A weight whose input dimension is below the group size is one group (scale (out, 1)); compressed-tensors
 decodes that as well (tests/test_quantize.py checks it with the library's own decompressor).
+
+fp8, for each quantised projection `P`:
+  P.weight            float8_e4m3fn (out, in): round(W / scale) in e4m3, clamped to ±448
+  P.weight_scale_inv  fp32 (ceil(out/128), ceil(in/128)): one scale per 128×128 block (ragged at the edges);
+                      W = weight · scale_inv, scale_inv = the block's absmax / 448
+and config.json gets {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic, weight_block_size: [128, 128]},
+exactly what the DeepSeek-V3 release ships; deepmoe's loader (checkpoint.py) and transformers read it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .scheme import QuantError, QuantScheme
+from ..fp8 import quantize_fp8_block
+from .scheme import FP8_BLOCK, QuantError, QuantScheme, encode
 
 PARTS = {".weight_packed": "qweight", ".weight_scale": "scales", ".weight_shape": "shape"}
 
@@ -59,7 +68,21 @@ def disk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] * 4)
 
 
+def disk_tensors(key: str, w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """A checkpoint weight `P.weight` (out, in) → the tensors that store it quantised."""
+    if scheme.fp8:
+        q, scale_inv = quantize_fp8_block(w, FP8_BLOCK)
+        return {key: q, f"{key}_scale_inv": scale_inv}
+    stored, scales = encode(w, scheme, key)
+    base = key.removesuffix(".weight")
+    return {f"{base}.weight_packed": to_disk(stored, scheme.bits), f"{base}.weight_scale": scales,
+            f"{base}.weight_shape": torch.tensor(w.shape, dtype=torch.int64)}
+
+
 def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
+    if scheme.fp8:  # the release's own four fields; it names no ignored modules (they are not fp8 on disk)
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(FP8_BLOCK)}
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",

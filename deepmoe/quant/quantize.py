@@ -1,4 +1,5 @@
-"""`deepmoe quantize`: write a model directory's projections as int8 / int4 (round to nearest).
+"""`deepmoe quantize`: write a model directory's projections as int8 / int4 (round to nearest) or as fp8
+128×128 blocks (DeepSeek-V3's release format).
 
 Which tensors: every 2-D `*.weight` of the checkpoint — the attention and MLP projections of the decoder
 and MTP layers, the shared experts, and each routed expert — except the embedding, the head (and the MTP
@@ -26,9 +27,9 @@ from ..checkpoint import (CheckpointError, SafetensorsFiles, _EXPERT, _fp8_block
 from ..convert import SIDE_FILES
 from ..durable import atomic_write_text, fsync_file, mkdir, mkdtemp, replace_dir
 from ..fp8 import dequantize_fp8_block
-from .format import quantization_config, to_disk
+from .format import disk_tensors, quantization_config
 from .modules import set_weight, swap_modules
-from .scheme import QuantError, QuantScheme, encode
+from .scheme import QuantError, QuantScheme
 
 KEEP = (r"embed_tokens$", r"(^|\.)lm_head$", r"shared_head\.head$", r"\.mlp\.gate$")  # always high precision
 
@@ -65,8 +66,9 @@ def hf_module(name: str, num_layers: int) -> str:
     return name
 
 
-def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
-    """Quantise a built model in place (what loading a `quantize_checkpoint` output gives); → module names."""
+def target_modules(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
+    """The model's modules (nn.Linear layers and routed Experts) whose weights `deepmoe quantize` replaces,
+    chosen by `targets` on their checkpoint names; a clear error if a weight does not fit the scheme."""
     from torch import nn
 
     from ..model.experts import Experts
@@ -84,9 +86,19 @@ def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str
                     key = f"{hf}.{e}.{p}.weight"
                     shapes[key], owner[key] = tuple(getattr(m, p).shape[1:]), name
     chosen = targets(shapes, skip)
-    for key in chosen:  # group sizes first: fail before changing anything
+    for key in chosen:  # group sizes first: fail before anything changes
         scheme.group_for(shapes[key][-1], key)
-    names = sorted({owner[k] for k in chosen})
+    return sorted({owner[k] for k in chosen})
+
+
+def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str]:
+    """Quantise a built model in place (what loading a `quantize_checkpoint` output gives); → module names."""
+    from torch import nn
+
+    if scheme.fp8:
+        raise QuantError("fp8 is an on-disk format (deepmoe loads it dequantised): quantize_checkpoint it and "
+                         "load the directory")
+    names = target_modules(model, scheme, skip)
     weights = {n: model.get_submodule(n) for n in names}
     swap_modules(model, set(names), scheme)
     for n in names:
@@ -109,6 +121,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
         raise QuantError(f"{src} is already quantised ({qc.get('config_groups', {}).get('group_0', {}).get('weights', {}).get('num_bits')}-bit "
                          f"compressed-tensors); quantise the original high-precision model")
     block = _fp8_block(cfg)
+    if block is not None and scheme.fp8:
+        raise QuantError(f"{src} is already fp8 ({block[0]}x{block[1]} blocks); it is the format asked for")
     if dst.resolve() == src.resolve():
         raise QuantError("quantize writes a new directory; choose OUT other than MODEL")
     files = SafetensorsFiles()
@@ -133,10 +147,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
         for key in sorted(shapes):
             t = read(key)
             if key in chosen:
-                stored, scales = encode(t, scheme, key)
-                base = key.removesuffix(".weight")
-                out = {f"{base}.weight_packed": to_disk(stored, scheme.bits), f"{base}.weight_scale": scales,
-                       f"{base}.weight_shape": torch.tensor(t.shape, dtype=torch.int64)}
+                out = disk_tensors(key, t, scheme)
                 stats["source_bytes"] += t.nbytes
                 stats["bf16_bytes"] += t.numel() * 2
                 stats["quantized_bytes"] += sum(v.nbytes for v in out.values())

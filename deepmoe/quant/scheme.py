@@ -1,4 +1,6 @@
-"""Weight-only integer quantisation: symmetric absmax scales per group of input channels.
+"""Weight-only quantisation schemes: int8 / int4 with symmetric absmax scales per group of input channels,
+and fp8 (e4m3 with one scale per 128×128 block, DeepSeek-V3's release format: deepmoe/fp8.py does the
+numbers, format.py the layout; nothing below applies to it).
 
 A weight W (..., out, in) is cut along its last (input) dimension into groups of `group_size` channels;
 each group of each output row gets one fp32 scale s = absmax / qmax and stores q = round(W / s), so
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEMES = {"int8": 8, "int4": 4}
+SCHEMES = {"int8": 8, "int4": 4, "fp8": 8}
+FP8_BLOCK = (128, 128)  # the block of the DeepSeek-V3 release; `weight_block_size` in its config
 
 
 class QuantError(ValueError):
@@ -27,15 +30,24 @@ class QuantError(ValueError):
 
 @dataclass(frozen=True)
 class QuantScheme:
-    name: str  # "int8" or "int4"
+    name: str  # "int8", "int4" or "fp8"
     group_size: int = 128
 
     def __post_init__(self):
         if self.name not in SCHEMES:
             raise QuantError(f"unknown quantization scheme {self.name!r}; choose one of {sorted(SCHEMES)}")
+        if self.fp8:
+            if self.group_size != 128:
+                raise QuantError(f"fp8 uses {FP8_BLOCK[0]}x{FP8_BLOCK[1]} blocks (the DeepSeek-V3 format); "
+                                 f"--group-size applies to int8/int4 only, got {self.group_size}")
+            return
         if self.group_size < 8 or self.group_size % 8:
             # compressed-tensors packs codes into 32-bit words along the input dimension
             raise QuantError(f"group size must be a positive multiple of 8, got {self.group_size}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.name == "fp8"
 
     @property
     def bits(self) -> int:
@@ -46,7 +58,10 @@ class QuantScheme:
         return (1 << (self.bits - 1)) - 1
 
     def group_for(self, in_features: int, name: str = "weight") -> int:
-        """The group size used for a weight with `in_features` inputs; a clear error if it does not fit."""
+        """The group size used for a weight with `in_features` inputs; a clear error if it does not fit.
+        fp8's blocks take any shape (ragged edge blocks), so for fp8 this checks nothing."""
+        if self.fp8:
+            return min(FP8_BLOCK[1], in_features)
         g = min(self.group_size, in_features)
         if in_features % g:
             raise QuantError(f"{name}: input dimension {in_features} is not a multiple of the group size "

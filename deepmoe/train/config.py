@@ -19,6 +19,7 @@ from ..config import ModelConfig, list_presets
 
 SCHEDULES = ("multistep", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
+QAT_SCHEMES = ("int8", "int4")  # `deepmoe quantize`'s integer schemes (quant/qat.py)
 
 
 def check_recipe(cfg, need) -> None:
@@ -35,6 +36,12 @@ def check_recipe(cfg, need) -> None:
     need(cfg.mtp_weight >= 0 and (cfg.bias_update_rate or 0.0) >= 0, "mtp_weight and bias_update_rate must be >= 0")
     need(cfg.aux_loss_alpha is None or cfg.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
     need(cfg.capacity_factor is None or cfg.capacity_factor > 0, "capacity_factor must be > 0")
+    need(cfg.qat is None or cfg.qat in QAT_SCHEMES, f"qat must be one of {', '.join(QAT_SCHEMES)}, got {cfg.qat!r}")
+    need(cfg.qat_group_size >= 8 and cfg.qat_group_size % 8 == 0,
+         f"qat_group_size must be a positive multiple of 8 (as `deepmoe quantize --group-size`), got "
+         f"{cfg.qat_group_size}")
+    need(cfg.qat is None or cfg.precision != "fp8", "--qat fake-quantises weights to int8/int4 while --precision "
+                                                    "fp8 runs the GEMMs in FP8: choose one")
 
 
 @dataclass
@@ -81,6 +88,10 @@ class TrainConfig:
     # (train/compute_weights.py; slow on CPUs without bf16 matmul units, but exact to resume there too);
     # fp8: FP8 GEMMs (train/fp8.py)
     precision: str = "auto"
+    # quantisation-aware training (quant/qat.py): the weights `deepmoe quantize --scheme qat` would quantise
+    # are fake-quantised in the forward pass (straight-through gradient); None: off
+    qat: str | None = None
+    qat_group_size: int = 128
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0

@@ -54,7 +54,7 @@ from .state import (
     save_checkpoint,
     write_model_dir,
 )
-from .transforms import apply_activation_checkpointing, apply_compile, autocast_context, eager
+from .transforms import apply_activation_checkpointing, apply_compile, autocast_context, eager, qat_summary
 
 SAMPLE_PROMPT = "def "
 SUMMARY = "summary.json"
@@ -186,6 +186,8 @@ class Trainer:
         # transforms go on after loading: they wrap forward functions, never parameter names
         if cfg.precision == "fp8":  # the same Parameters in FP8-GEMM linears: optimizer and checkpoints unchanged
             print(convert_to_fp8_training(self.model).summary())
+        if cfg.qat:  # the same Parameters, fake-quantised in the forward pass
+            print(qat_summary(self.model, cfg))
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:

@@ -1,5 +1,5 @@
-"""Execution transforms applied to a built model, outside the model package: activation checkpointing
-and torch.compile. Both act per decoder block and leave parameter names (and so checkpoints) unchanged."""
+"""Execution transforms applied to a built model, outside the model package: quantisation-aware training,
+activation checkpointing and torch.compile. All leave parameter names (and so checkpoints) unchanged."""
 
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ from ..model.block import Block
 
 def blocks(model: DeepSeekModel) -> list[Block]:
     return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def qat_summary(model: DeepSeekModel, cfg) -> str:
+    """Apply quantisation-aware training (quant/qat.py) as cfg.qat / cfg.qat_group_size ask; → a log line."""
+    from ..quant.qat import apply_qat
+    from ..quant.scheme import QuantScheme
+
+    names = apply_qat(model, QuantScheme(cfg.qat, cfg.qat_group_size))
+    return (f"qat       {cfg.qat} g{cfg.qat_group_size}: {len(names)} modules fake-quantised (the weights "
+            f"`deepmoe quantize` replaces)")
 
 
 def apply_activation_checkpointing(model: DeepSeekModel) -> None:

@@ -113,7 +113,7 @@ GRPO_HELP = {
     "logprob_chunk": "positions whose fp32 logits exist at once",
 }
 for _key in ("val_fraction", "val_examples", "eval_batches", "mtp_weight", "lora_rank", "lora_alpha", "lora_targets",
-             "lora_dropout"):  # not used by GRPO (adapters: merge first; see docs/grpo.md)
+             "lora_dropout", "qat", "qat_group_size"):  # not used by GRPO (adapters: merge first; see docs/grpo.md)
     GRPO_HELP.pop(_key)
 # may differ from the saved config on --resume: logging, evaluation, checkpointing, where things live, length
 POSTTRAIN_RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "plots", "progress",

@@ -327,6 +327,9 @@ class GRPOConfig(SFTConfig):
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.loss_type in GRPO_LOSS_TYPES, f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}")
         need(self.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}")
+        # the rollout engine samples from an unquantised copy: the policy it samples would not be the one trained
+        need(self.qat is None, "--qat is for deepmoe sft/train/distill; GRPO's rollouts come from an unquantised "
+                               "copy of the policy, so its ratios would compare two different models")
         need(self.data is None or bool(self.rewards), "--data prompts need at least one --rewards function to score "
                                                       "their completions")
         n_rewards = len(self.rewards) + (self.task is not None)

@@ -78,12 +78,12 @@ def steps() -> list[Step]:
              [PY, b + "decode_roofline.py", "--new-tokens", "8", "--rounds", "1", "--no-cuda-graphs"], 150),
         # speculative decoding needs an MTP layer that drafts well: train `tiny` (with its MTP layer) here first
         Step("MTP speculative decode, batch 1, tiny after 300 steps",
-             ["bash", "-c", f"{PY} -m deepmoe.cli train --device cuda --steps 300 --out /tmp/suite-mtp >/dev/null && "
-              f"{PY} {b}decode.py --device cuda --model /tmp/suite-mtp/final --prompt 'import os' "
-              "--new-tokens 128 --rounds 3"],
-             ["bash", "-c", f"{PY} -m deepmoe.cli train --steps 2 --eval-every 2 --eval-batches 1 --out /tmp/suite-mtp "
-              f">/dev/null && {PY} {b}decode.py --model /tmp/suite-mtp/final --prompt 'import os' --new-tokens 8 "
-              "--rounds 1"], 180),
+             ["bash", "-c", f"rm -rf /tmp/suite-mtp && {PY} -m deepmoe.cli train --device cuda --steps 300 "
+              f"--out /tmp/suite-mtp >/dev/null && {PY} {b}decode.py --device cuda --model /tmp/suite-mtp/final "
+              "--prompt 'import os' --new-tokens 128 --rounds 3"],
+             ["bash", "-c", f"rm -rf /tmp/suite-mtp && {PY} -m deepmoe.cli train --steps 2 --eval-every 2 "
+              f"--eval-batches 1 --out /tmp/suite-mtp >/dev/null && {PY} {b}decode.py --model /tmp/suite-mtp/final "
+              "--prompt 'import os' --new-tokens 8 --rounds 1"], 180),
         Step("rollout ref-813M, P 8 x G 8, 256 new",
              [PY, b + "rollout.py", "--device", "cuda", "--preset", "ref-813M", "--prompts", "8", "--generations", "8",
               "--new-tokens", "256", "--rounds", "3"],

@@ -377,6 +377,20 @@ def shard_names(n: int) -> list[str]:
     return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def by_shard(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Group streamed (checkpoint key, tensor) pairs into write_weights' shards of at most max_shard_size bytes
+    (a larger tensor is a shard of its own), one shard in memory at a time."""
+    current, size = {}, 0
+    for key, t in tensors:
+        if current and size + t.nbytes > max_shard_size:
+            yield current
+            current, size = {}, 0
+        current[key] = t.contiguous()
+        size += t.nbytes
+    if current:
+        yield current
+
+
 def write_weights(path: Path, shards: Iterable[dict[str, torch.Tensor]]) -> int:
     """Write the shards (each a {checkpoint key: tensor} dict, produced one at a time) into `path` under
     their standard names, plus the index when there are several; → the number of shards."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, SafetensorsFiles, _fp8_block, _int_scheme, _key_files, _read_config,
+from .checkpoint import (CheckpointError, SafetensorsFiles, by_shard, _fp8_block, _int_scheme, _key_files, _read_config,
                          write_weights)
 from .durable import atomic_write, atomic_write_text, mkdir
 from .fp8 import dequantize_fp8_block
@@ -50,8 +50,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
     keys = sorted(k for k in key_files if not k.endswith(("_scale_inv", ".weight_scale", ".weight_shape")))
     counts = {"bytes": 0, "dequantized": 0}
 
-    def shards():  # one shard's tensors at a time
-        current, size = {}, 0
+    def tensors():  # streamed: one shard's tensors in memory at a time
         for key in keys:
             t = files.read(key_files, key)
             if scheme is not None and key.endswith(".weight_packed"):
@@ -70,16 +69,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
                 counts["dequantized"] += 1
             elif t.is_floating_point() and not key.endswith("e_score_correction_bias"):
                 t = t.to(dtype)
-            if current and size + t.nbytes > max_shard_size:
-                yield current
-                current, size = {}, 0
-            current[key] = t.contiguous()
-            size += t.nbytes
             counts["bytes"] += t.nbytes
-        if current:
-            yield current
+            yield key, t
 
-    n = write_weights(dst, shards())  # replaces an older checkpoint in dst safely
+    n = write_weights(dst, by_shard(tensors(), max_shard_size))  # replaces an older checkpoint in dst safely
     raw = json.loads((src / "config.json").read_text())
     raw.pop("quantization_config", None)
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")

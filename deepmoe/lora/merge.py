@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, SafetensorsFiles, _fp8_block, _key_files, _read_config, write_weights
+from ..checkpoint import (CheckpointError, SafetensorsFiles, _fp8_block, _key_files, _read_config, by_shard,
+                          write_weights)
 from ..convert import SIDE_FILES
 from ..durable import fsync_file, mkdir, mkdtemp, replace_dir
 from ..model import DeepSeekModel
@@ -58,23 +59,14 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str 
     if missing:
         raise CheckpointError(f"{base} lacks {len(missing)} weight(s) the adapter changes, e.g. {missing[0]}")
 
-    def shards():  # one shard's tensors at a time
-        current, size = {}, 0
+    def tensors():  # streamed: one shard's tensors in memory at a time
         for key in sorted(key_files):
             t = files.read(key_files, key)
-            if key in deltas:
-                t = deltas[key](t)
-            if current and size + t.nbytes > max_shard_size:
-                yield current
-                current, size = {}, 0
-            current[key] = t.contiguous()
-            size += t.nbytes
-        if current:
-            yield current
+            yield key, (deltas[key](t) if key in deltas else t)
 
     tmp = mkdtemp(f".{out.name}.", mkdir(out.parent.resolve()))
     try:
-        n = write_weights(tmp, shards())
+        n = write_weights(tmp, by_shard(tensors(), max_shard_size))
         for name in ("config.json", *SIDE_FILES):
             if (base / name).is_file():
                 shutil.copyfile(base / name, tmp / name)

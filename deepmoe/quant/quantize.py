@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CheckpointError, SafetensorsFiles, _EXPERT, _fp8_block, _key_files, _read_config,
+from ..checkpoint import (CheckpointError, SafetensorsFiles, _EXPERT, _fp8_block, _key_files, _read_config, by_shard,
                           write_weights)
 from ..convert import SIDE_FILES
 from ..durable import atomic_write_text, fsync_file, mkdir, mkdtemp, replace_dir
@@ -118,8 +118,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
     cfg = _read_config(src)
     qc = cfg.extra.get("quantization_config") or {}
     if qc.get("quant_method") == "compressed-tensors":
-        raise QuantError(f"{src} is already quantised ({qc.get('config_groups', {}).get('group_0', {}).get('weights', {}).get('num_bits')}-bit "
-                         f"compressed-tensors); quantise the original high-precision model")
+        bits = qc.get("config_groups", {}).get("group_0", {}).get("weights", {}).get("num_bits")
+        raise QuantError(f"{src} is already quantised ({bits}-bit compressed-tensors); quantise the original "
+                         f"high-precision model")
     block = _fp8_block(cfg)
     if block is not None and scheme.fp8:
         raise QuantError(f"{src} is already fp8 ({block[0]}x{block[1]} blocks); it is the format asked for")
@@ -142,8 +143,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
             t = dequantize_fp8_block(t, files.read(key_files, key + "_scale_inv"), block, torch.float32)
         return t
 
-    def shards():
-        current, size = {}, 0
+    def tensors():  # streamed: one shard's tensors in memory at a time
         for key in sorted(shapes):
             t = read(key)
             if key in chosen:
@@ -154,18 +154,12 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
             else:
                 out = {key: t}
             for k, v in out.items():
-                if current and size + v.nbytes > max_shard_size:
-                    yield current
-                    current, size = {}, 0
-                current[k] = v.contiguous()
-                size += v.nbytes
                 stats["total_bytes"] += v.nbytes
-        if current:
-            yield current
+                yield k, v
 
     tmp = mkdtemp(f".{dst.name}.", mkdir(dst.parent.resolve()))
     try:
-        stats["shards"] = write_weights(tmp, shards())
+        stats["shards"] = write_weights(tmp, by_shard(tensors(), max_shard_size))
         raw = json.loads((src / "config.json").read_text())
         raw.pop("quantization_config", None)  # an fp8 source was dequantised
         ignore = sorted({k.removesuffix(".weight") for k, s in shapes.items()

@@ -6,7 +6,7 @@ import time
 
 
 def add_quantize_parser(sub) -> None:
-    from ..cli_args import at_least, model_dir, shard_size
+    from ..cli_args import at_least, device, model_dir, shard_size
     from .scheme import SCHEMES
 
     p = sub.add_parser("quantize", help="write a copy of a model with int8/int4 (compressed-tensors) or fp8 "
@@ -21,16 +21,55 @@ def add_quantize_parser(sub) -> None:
                    help="regular expressions of checkpoint module names to leave in high precision, besides "
                         "the embedding, head and routers (default: none)")
     p.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors file")
+    a = p.add_argument_group("AWQ (int8/int4): activation-aware scales from calibration text, folded into the "
+                             "layers before (no cost at run time)")
+    a.add_argument("--awq", action="store_true", help="search per-input-channel AWQ scales on calibration text before rounding")
+    a.add_argument("--calib-data", default=None, metavar="PATH",
+                   help="calibration text: a file, folder, .jsonl or .parquet (default: the training split of the "
+                        "data the model was trained on, from its train_config.json; else the Python stdlib)")
+    a.add_argument("--text-field", default="text", help="the text field of --calib-data's .jsonl/.parquet rows")
+    a.add_argument("--calib-samples", type=at_least(1), default=64, help="calibration windows")
+    a.add_argument("--calib-seq-len", type=at_least(2), default=256, help="tokens per calibration window")
+    a.add_argument("--clip", action="store_true",
+                   help="also search each group's clipping ratio (off by default: it raised the held-out perplexity "
+                        "of the model measured in docs/quantization.md)")
+    a.add_argument("--device", type=device, default=None,
+                   help="where AWQ runs the model: cpu, cuda or cuda:N (default: cuda if available)")
     p.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args) -> int:
     from .quantize import quantize_checkpoint
-    from .scheme import QuantScheme
+    from .scheme import QuantError, QuantScheme
 
     t0 = time.perf_counter()
     scheme = QuantScheme(args.scheme, args.group_size)
-    r = quantize_checkpoint(args.src, args.dst, scheme, args.skip, args.max_shard_size)
+    awq_only = [flag for flag, on in (("--calib-data", args.calib_data is not None), ("--clip", args.clip))
+                if on]
+    if awq_only and not args.awq:
+        raise QuantError(f"{' and '.join(awq_only)} apply to --awq only")
+    if args.awq:
+        import torch
+
+        from .calibration import calibration_tokens
+        from .quantize import awq_quantize_checkpoint
+
+        if scheme.fp8:
+            raise QuantError("--awq applies to int8/int4; fp8 (128x128 blocks) is rounded directly")
+        tokens, what = calibration_tokens(args.src, args.calib_samples, args.calib_seq_len, args.calib_data,
+                                          args.text_field)
+        print(f"awq       calibration: {tokens.shape[0]} windows of {tokens.shape[1]} tokens from the {what}")
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        r = awq_quantize_checkpoint(args.src, args.dst, scheme, tokens, args.skip, args.clip, dev,
+                                    args.max_shard_size, log=print)
+        a = r["awq"]
+        print(f"awq       {a.layers} layers, {a.groups} scale searches (median alpha "
+              f"{sorted(a.alphas)[len(a.alphas) // 2] if a.alphas else 0:.2f}), relative output error summed over "
+              f"them {a.error_rtn:.4g} (rounding) -> {a.error_awq:.4g}; {a.clipped} projections clip-searched; "
+              f"{a.experts_without_tokens} routed experts got no calibration token (plain rounding for their "
+              f"down_proj); MTP layers rounded without AWQ")
+    else:
+        r = quantize_checkpoint(args.src, args.dst, scheme, args.skip, args.max_shard_size)
     mib = 2**20
     layout = "128x128 blocks" if scheme.fp8 else f"group {args.group_size}"
     print(f"quantised {r['quantized']} of {r['tensors']} tensors to {args.scheme} ({layout}): "

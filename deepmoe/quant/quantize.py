@@ -111,10 +111,8 @@ def quantize_model(model, scheme: QuantScheme, skip: list[str] = ()) -> list[str
     return names
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, skip: list[str] = (),
-                        max_shard_size: int = 5 * 2**30) -> dict:
-    """Write `dst`, a copy of `src` with its projections quantised; → counts and byte sizes."""
-    src, dst = Path(src), Path(dst)
+def check_source(src: Path, dst: Path, scheme: QuantScheme):
+    """src's config, after refusing what cannot be quantised as asked (an already-quantised model, OUT = MODEL)."""
     cfg = _read_config(src)
     qc = cfg.extra.get("quantization_config") or {}
     if qc.get("quant_method") == "compressed-tensors":
@@ -126,6 +124,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
         raise QuantError(f"{src} is already fp8 ({block[0]}x{block[1]} blocks); it is the format asked for")
     if dst.resolve() == src.resolve():
         raise QuantError("quantize writes a new directory; choose OUT other than MODEL")
+    return cfg
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, skip: list[str] = (),
+                        max_shard_size: int = 5 * 2**30) -> dict:
+    """Write `dst`, a copy of `src` with its projections quantised; → counts and byte sizes."""
+    src, dst = Path(src), Path(dst)
+    cfg = check_source(src, dst, scheme)
+    block = _fp8_block(cfg)
     files = SafetensorsFiles()
     key_files = _key_files(src, files)
     shapes = {k: tuple(files[f].get_slice(k).get_shape()) for k, f in key_files.items() if not k.endswith("_scale_inv")}
@@ -174,4 +181,43 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return stats
+
+
+def awq_quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, tokens: torch.Tensor,
+                            skip: list[str] = (), clip: bool = False, device: str = "cpu",
+                            max_shard_size: int = 5 * 2**30, log=None) -> dict:
+    """`quantize_checkpoint` after AWQ: load src (fp32, on `device`), fold AWQ scales (and clipping) found on
+    the calibration windows `tokens` (S, T) into it, write that high-precision model into a hidden directory
+    beside dst in src's dtype, and quantise it into dst; → quantize_checkpoint's stats plus "awq" (the
+    AwqReport). Nothing is written to dst unless every step succeeds."""
+    from ..checkpoint import load_pretrained, save_pretrained
+    from .awq import apply_awq
+
+    src, dst = Path(src), Path(dst)
+    check_source(src, dst, scheme)
+    if scheme.fp8:
+        raise QuantError("--awq applies to int8/int4; fp8 (128x128 blocks) is rounded directly")
+    files = SafetensorsFiles()
+    key_files = _key_files(src, files)
+    stored = files[key_files["lm_head.weight"]].get_slice("lm_head.weight").get_dtype()
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.bfloat16)
+    model = load_pretrained(src, device=device, dtype=torch.float32)
+    report = apply_awq(model, tokens, scheme, skip, clip, log=log)
+    tmp = mkdtemp(f".{dst.name}.awq.", mkdir(dst.parent.resolve()))
+    try:
+        save_pretrained(model.cpu(), tmp, max_shard_size, dtype)
+        del model
+        raw = json.loads((src / "config.json").read_text())
+        raw.pop("quantization_config", None)  # an fp8 source is written dequantised
+        ours = json.loads((tmp / "config.json").read_text())
+        ours.update({k: v for k, v in raw.items() if k not in ("torch_dtype", "dtype")})  # src's fields verbatim
+        atomic_write_text(tmp / "config.json", json.dumps(ours, indent=2, sort_keys=True))
+        for name in SIDE_FILES + ("train_config.json",):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        stats = quantize_checkpoint(tmp, dst, scheme, skip, max_shard_size)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stats["awq"] = report
     return stats

@@ -24,25 +24,69 @@ from .cli_args import (DTYPES, Parser, add_device_dtype, add_model_arg, at_least
 def add_info_parser(sub) -> None:
     from .config import list_presets
 
-    p = sub.add_parser("info", help="parameter counts and KV-cache size of a preset, config or model")
+    p = sub.add_parser("info", help="parameter counts and KV-cache size of a preset, config or model; with --plan, "
+                                    "memory per GPU and all-to-all traffic of a multi-GPU run (arithmetic)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", choices=list_presets(), help="a shipped preset")
     src.add_argument("--config", type=existing_path, help="a config.json file (default: none, the preset)")
     add_model_arg(p, required=False, group=src)
+    g = p.add_argument_group("parallelism plan (arithmetic, not measured: memory per GPU and all-to-all traffic)")
+    g.add_argument("--plan", type=plan_spec, default=None, metavar="pp=N,ep=N,dp=N[,zero=N]",
+                   help="pipeline stages, expert-parallel size, data-parallel ranks per stage (ep divides it; "
+                        "world = pp x dp), ZeRO stage 0-3 (3 = FSDP; default 1) (default: none, no plan)")
+    # None = the flag was not given: a plan flag without --plan is refused, and the plan's own default applies
+    for flag, kind, choices, default, what in PLAN_FLAGS:
+        g.add_argument(flag, type=kind, choices=choices, default=None, help=f"{what} (default: {default})")
     p.set_defaults(func=cmd_info)
+
+
+# the plan's knobs: flag, type, choices, default shown, help (the defaults themselves are ParallelPlan's)
+PLAN_FLAGS = [
+    ("--seq-len", at_least(1), None, 4096, "tokens per sequence"),
+    ("--micro-batch", at_least(1), None, 1, "sequences per micro-batch"),
+    ("--global-batch", at_least(1), None, "dp x micro-batch x pp", "sequences per optimizer step"),
+    ("--in-flight", at_least(1), None, "1F1B: pp - stage", "micro-batches whose activations a stage holds"),
+    ("--weights", str, ["bf16", "fp8"], "bf16",
+     "working weights of the GEMMs (fp8: DeepSeek's, with 128x128 block scales; tokens are then dispatched in fp8)"),
+    ("--grads", str, ["fp32", "bf16"], "fp32", "gradients"),
+    ("--moments", str, ["fp32", "bf16"], "fp32", "AdamW's two moments (DeepSeek: bf16); master weights are fp32"),
+    ("--gpus-per-node", at_least(1), None, 8, "GPUs per node (for the cross-node traffic)"),
+]
+
+
+def plan_spec(text: str) -> dict[str, int]:
+    from .parallel.plan import PlanError, parse_plan
+
+    try:
+        return parse_plan(text)
+    except PlanError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def cmd_info(args) -> int:
     from .config import ModelConfig
     from .stats import format_stats, model_stats
 
+    names = [flag.removeprefix("--").replace("-", "_") for flag, *_ in PLAN_FLAGS]
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if given and args.plan is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags} describe a parallelism plan: add --plan pp=N,ep=N,dp=N")
     if args.model:
         cfg, name = ModelConfig.from_json(Path(args.model) / "config.json"), args.model
     elif args.config:
         cfg, name = ModelConfig.from_json(args.config), args.config
     else:
         cfg, name = ModelConfig.from_preset(args.preset), args.preset
+    plan = None
+    if args.plan is not None:  # checked before the model tree is built for the counts
+        from .parallel.plan import ParallelPlan, make_plan
+        from .parallel.plan_report import format_plan
+
+        plan = make_plan(cfg, ParallelPlan(**args.plan, **given))
     print(format_stats(name, cfg, model_stats(cfg)))
+    if plan is not None:
+        print(format_plan(plan))
     return 0
 
 

@@ -118,6 +118,14 @@ BAD_ARGUMENTS = [
     (["serve", "{model}", "--max-num-seqs", "0"], "--max-num-seqs: must be >= 1"),
     (["info", "--model", "{missing}"], "is not a directory"),
     (["info", "--preset", "nope"], "invalid choice: 'nope'"),
+    (["info", "--preset", "deepseek-v3", "--plan", "pp=16,ep=48,dp=96"],
+     "ep=48 does not divide the 256 routed experts"),
+    (["info", "--preset", "deepseek-v3", "--plan", "pp=64"],
+     "pp=64 is more pipeline stages than the model's 61 layers"),
+    (["info", "--preset", "deepseek-v3", "--plan", "ep=64,dp=32"], "ep=64 must divide dp=32"),
+    (["info", "--plan", "pp=2,tp=2"], "argument --plan: cannot read 'tp=2'"),
+    (["info", "--seq-len", "8192"], "--seq-len describe a parallelism plan: add --plan pp=N,ep=N,dp=N"),
+    (["info", "--plan", "ep=2,dp=2", "--weights", "fp4"], "invalid choice: 'fp4'"),
     (["convert", "{missing}", "{out}"], "argument src: '{missing}' is not a directory"),
     (["convert", "{model}", "{out}", "--max-shard-size", "5XB"], "cannot parse size '5XB'"),
     (["train", "--schedule", "linear"], "invalid choice: 'linear'"),
@@ -148,6 +156,17 @@ def test_a_cuda_device_without_cuda_is_refused_up_front(command, model_dir, monk
     err = capsys.readouterr().err
     assert err.startswith(f"deepmoe {command}: error: argument --device: cuda: ") and "use --device cpu" in err
     assert err.count("\n") == 1
+
+
+def test_info_plan_prints_the_arithmetic(capsys):
+    argv = ["info", "--preset", "deepseek-v3", "--plan", "pp=16,ep=64,dp=128", "--global-batch", "15360",
+            "--weights", "fp8", "--moments", "bf16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "671.03B" in out  # the counts come first, as without --plan
+    assert "arithmetic, not measured: 2048 GPUs = pp 16 x dp 128" in out and "AdamW moments bf16" in out
+    assert "at most 27.2 GB with every layer checkpointed (stage 15)" in out
+    assert parse_args(["info", "--plan", "dp=8"]).plan == {"dp": 8}
 
 
 STREAM = LLM.stream  # the engine's, whatever a test has patched in

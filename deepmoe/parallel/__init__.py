@@ -1,0 +1,1 @@
+"""Parallelism: spreading one model's training over many GPUs (pipeline, expert and data parallel)."""

@@ -71,7 +71,7 @@ def cmd_info(args) -> int:
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if given and args.plan is None:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise ValueError(f"{flags} describe a parallelism plan: add --plan pp=N,ep=N,dp=N")
+        raise ValueError(f"{flags}: only with a parallelism plan; add --plan pp=N,ep=N,dp=N")
     if args.model:
         cfg, name = ModelConfig.from_json(Path(args.model) / "config.json"), args.model
     elif args.config:

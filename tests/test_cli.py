@@ -124,7 +124,7 @@ BAD_ARGUMENTS = [
      "pp=64 is more pipeline stages than the model's 61 layers"),
     (["info", "--preset", "deepseek-v3", "--plan", "ep=64,dp=32"], "ep=64 must divide dp=32"),
     (["info", "--plan", "pp=2,tp=2"], "argument --plan: cannot read 'tp=2'"),
-    (["info", "--seq-len", "8192"], "--seq-len describe a parallelism plan: add --plan pp=N,ep=N,dp=N"),
+    (["info", "--seq-len", "8192"], "--seq-len: only with a parallelism plan; add --plan pp=N,ep=N,dp=N"),
     (["info", "--plan", "ep=2,dp=2", "--weights", "fp4"], "invalid choice: 'fp4'"),
     (["convert", "{missing}", "{out}"], "argument src: '{missing}' is not a directory"),
     (["convert", "{model}", "{out}", "--max-shard-size", "5XB"], "cannot parse size '5XB'"),

@@ -131,7 +131,6 @@ def kernel_bench(shapes: list[tuple[str, int, int]], rows: list[int], args, devi
                     gbs = nbytes / (ms[vname] * 1e-3) / 1e9
                     print(f"{label:<22} {M:>3} {vname:<16} {ms[vname]:9.4f} {gbs:12.1f} "
                           f"{ms[dense] / ms[vname]:8.2f}", flush=True)
-                del ts, ss
             for s in SCHEMES:
                 lines.append(f"kernel {label}, M {M}: {s} / {dense.split()[0]} {ms[dense] / ms[s + ' kernel']:.2f}x "
                              f"(reference {ms[dense] / ms[s + ' reference']:.2f}x)")

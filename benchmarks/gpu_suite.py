@@ -76,6 +76,11 @@ def steps() -> list[Step]:
              [PY, b + "decode_roofline.py", "--device", "cuda", "--preset", "deepseek-v2-lite", "--new-tokens", "64",
               "--rounds", "2"],
              [PY, b + "decode_roofline.py", "--new-tokens", "8", "--rounds", "1", "--no-cuda-graphs"], 150),
+        # issue #14's weight-only goal (int8 >= 1.5x, int4 >= 1.8x bf16 at batch 1) and the Triton kernel against a
+        # bf16 matmul; ~3 models of 0.8B plus Triton compiles and three graph captures
+        Step("quant decode ref-813M, batch 1, bf16 int8 int4",
+             [PY, b + "quant_decode.py", "--device", "cuda", "--preset", "ref-813M", "--new-tokens", "64", "--rounds", "3"],
+             [PY, b + "quant_decode.py", "--new-tokens", "4", "--rounds", "1"], 120),
         # speculative decoding needs an MTP layer that drafts well: train `tiny` (with its MTP layer) here first
         Step("MTP speculative decode, batch 1, tiny after 300 steps",
              ["bash", "-c", f"rm -rf /tmp/suite-mtp && {PY} -m deepmoe.cli train --device cuda --steps 300 "

@@ -6,7 +6,7 @@ Names are imported on first use, so the command line's parser imports no torch t
 from importlib import import_module
 
 _WHERE = {"apply_qat": "qat", "read_scheme": "format", "QuantExperts": "modules", "QuantLinear": "modules", "prepare_cpu": "modules",
-          "use_reference": "modules", "quantize_checkpoint": "quantize", "quantize_model": "quantize",
+          "use_reference": "modules", "use_kernel": "modules", "quantize_checkpoint": "quantize", "quantize_model": "quantize",
           "QuantError": "scheme", "QuantScheme": "scheme", "dequantize_groups": "scheme", "pack_int4": "scheme",
           "quantize_groups": "scheme", "unpack_int4": "scheme"}
 

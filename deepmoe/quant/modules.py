@@ -1,13 +1,16 @@
 """Quantised modules that replace a built model's projections: `QuantLinear` and `QuantExperts`.
 
 Both hold the codes and fp32 group scales as buffers (int8 (…, out, in) or packed int4 (…, out, in/2),
-see scheme.py) and compute dequantise-then-matmul as the reference; on CPU, `prepare_cpu` switches on
-the ATen weight-only kernels (cpu.py) where they fit and agree with that reference.
+see scheme.py) and compute dequantise-then-matmul as the reference. On CUDA with Triton, products run
+through kernels/quant_matmul.py, which reads the codes in place (for at most 16 rows, and for gathered
+rows; more plain rows keep the reference, see there); on CPU, `prepare_cpu` switches on the ATen
+weight-only kernels (cpu.py) where they fit and agree with that reference. `use_reference` turns both off.
 
 Routed experts dequantise only the experts a call uses, one at a time (per call and layer: reading each
 active expert's codes and writing its weights once in the activation dtype, ~(2 + 4)·out·in bytes for
-fp32); all experts are never held dequantised. The capturable (sync-free) form gathers and dequantises
-the chosen expert of every token copy instead, which costs k dequantisations per token.
+fp32); all experts are never held dequantised. The capturable (sync-free) form multiplies every token
+copy by its chosen expert: the gathered kernel on CUDA reads that expert's codes, the reference
+dequantises it (k dequantisations per token).
 """
 
 from __future__ import annotations
@@ -34,14 +37,28 @@ class QuantWeight(nn.Module):
         self.register_buffer("scales", torch.ones(*lead, out_f, G, dtype=torch.float32))
         self.int4_cpu: list | None = None  # per weight: the int4 kernel's (weights, scale-zero), or None
         self.int8_cpu = False
+        # the Triton kernel: None = on CUDA where Triton imports, False = never (the reference), True = always
+        # (on CPU only under TRITON_INTERPRET=1: how the tests run it without a GPU)
+        self.kernel: bool | None = None
 
-    def dequantized(self, index: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantized(self, index: int | torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
         return decode(q, s, self.bits, dtype)
 
-    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """x (M, in) times weight (or expert `index`'s weight) transposed → (M, out)."""
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+    def matmul(self, x: torch.Tensor, index: int | torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, in) times the weight transposed → (M, out): the weight, expert `index`'s weight, or with
+        index a (M,) tensor, row m times expert index[m]'s weight (gathered, static shapes)."""
+        no_grad = not (torch.is_grad_enabled() and x.requires_grad)  # the kernels have no backward
+        if no_grad and self._kernel_runs(x):
+            from ..kernels.quant_matmul import quant_matmul  # Triton loads only where the kernel runs
+
+            if isinstance(index, torch.Tensor):  # gathered: the kernel indexes the stacked codes per row
+                return quant_matmul(x, self.qweight, self.scales, self.bits, index, use_triton=self.kernel)
+            q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
+            return quant_matmul(x, q, s, self.bits, use_triton=self.kernel)
+        if isinstance(index, torch.Tensor):  # the same product as kernels.quant_matmul_reference
+            return (x.unsqueeze(1) @ self.dequantized(index, x.dtype).mT).squeeze(1)
+        if x.device.type == "cpu" and no_grad:
             if self.int8_cpu:
                 q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
                 return cpu.int8_mm(x, q, s)
@@ -50,6 +67,15 @@ class QuantWeight(nn.Module):
                 if kernel is not None:
                     return cpu.int4_mm(x, *kernel)
         return x @ self.dequantized(index, x.dtype).T
+
+    def _kernel_runs(self, x: torch.Tensor) -> bool:
+        if self.kernel is not None:
+            return self.kernel
+        if not x.is_cuda or torch.compiler.is_compiling():  # compiled: not traced through (untested on a GPU)
+            return False
+        from ..kernels.quant_matmul import kernel_available
+
+        return kernel_available()
 
     @torch.no_grad()
     def prepare_cpu(self) -> int:
@@ -123,13 +149,10 @@ class QuantExperts(nn.Module):
         if sync_free:
             if capacity is not None:
                 raise ValueError("capacity dropping keeps a data-dependent number of copies: not sync-free")
-            xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (M, 1, d), copy j of token n at n·k + j
-
-            def bmm(h, stack):  # each copy times its expert's dequantised weight (M, out, in): static shapes
-                return h @ decode(stack.qweight[flat], stack.scales[flat], stack.bits, x.dtype).mT
-
-            h = F.silu(bmm(xs, self.gate_proj)) * bmm(xs, self.up_proj)
-            ys = bmm(h, self.down_proj).squeeze(1).float() * w.float().unsqueeze(-1)
+            xs = x.repeat_interleave(k, dim=0)  # (M, d), copy j of token n at n·k + j
+            # each copy times its own expert's weight (gathered: static shapes, no host read)
+            h = F.silu(self.gate_proj.matmul(xs, flat)) * self.up_proj.matmul(xs, flat)
+            ys = self.down_proj.matmul(h, flat).float() * w.float().unsqueeze(-1)
             return ys.view(N, k, -1).sum(1).to(x.dtype)
         if capacity is None:
             order = flat.argsort(stable=True)
@@ -166,10 +189,19 @@ def prepare_cpu(model: nn.Module) -> dict[str, int]:
 
 
 def use_reference(model: nn.Module) -> None:
-    """Switch every quantised weight back to dequantise-then-matmul (what the fast paths are tested against)."""
+    """Switch every quantised weight back to dequantise-then-matmul (what the fast paths are tested against):
+    no CPU kernels, no Triton kernel."""
     for m in model.modules():
         if isinstance(m, QuantWeight):
-            m.int8_cpu, m.int4_cpu = False, None
+            m.int8_cpu, m.int4_cpu, m.kernel = False, None, False
+
+
+def use_kernel(model: nn.Module, on: bool | None = True) -> None:
+    """Set every quantised weight's Triton switch: True forces the kernel (on CPU only under
+    TRITON_INTERPRET=1), None restores the default (CUDA only)."""
+    for m in model.modules():
+        if isinstance(m, QuantWeight):
+            m.kernel = on
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """What `deepmoe quantize` costs and saves on one model: held-out perplexity, bytes of the quantised tensors,
 and batch-1 greedy decode speed, for the model as saved (fp32 for a `deepmoe train` run), int8, int4 and fp8.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.quantization MODEL_DIR [--group-size 128] [--max-batches 40] [--schemes int8 int4 fp8]
+    OMP_NUM_THREADS=1 python -m benchmarks.quantization MODEL_DIR [--group-size 128] [--max-batches 40]
+        [--schemes int8 int4 fp8 int8-awq int4-awq] [--extra DIR ...]
 
 Perplexity is `deepmoe eval`'s: the held-out split the model was trained on (train_config.json beside the
 weights; `deepmoe quantize` copies it), the first --max-batches batches of 8 × seq_len tokens. Decode is
@@ -25,6 +26,8 @@ from deepmoe.data import PackedDataset, read_documents, split_documents
 from deepmoe.engine.llm import LLM
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.quant import QuantScheme, quantize_checkpoint
+from deepmoe.quant.calibration import calibration_tokens
+from deepmoe.quant.quantize import awq_quantize_checkpoint
 from deepmoe.tokenizer import load_tokenizer
 from deepmoe.train.config import TrainConfig, default_cache_dir
 from deepmoe.train.data import text_bytes, token_stream
@@ -61,16 +64,28 @@ def main() -> None:
     p.add_argument("--max-batches", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--schemes", nargs="+", default=["int8", "int4", "fp8"], choices=["int8", "int4", "fp8"])
+    p.add_argument("--schemes", nargs="+", default=["int8", "int4", "fp8"],
+                   choices=["int8", "int4", "fp8", "int8-awq", "int4-awq"],
+                   help="-awq: `deepmoe quantize --awq` with the default calibration (64 windows of 256 tokens of the "
+                        "model's training split)")
+    p.add_argument("--extra", nargs="+", default=[], type=Path, metavar="DIR",
+                   help="more model directories to score as they are (e.g. a `--qat int4` run, quantised)")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         variants = [("as saved", args.model, None)]
         for name in args.schemes:
             out = Path(tmp) / name
-            scheme = QuantScheme(name, 128 if name == "fp8" else args.group_size)
-            stats = quantize_checkpoint(args.model, out, scheme)
-            variants.append((f"{name} 128x128" if name == "fp8" else f"{name} g{args.group_size}", out, stats))
+            base, awq = name.removesuffix("-awq"), name.endswith("-awq")
+            scheme = QuantScheme(base, 128 if base == "fp8" else args.group_size)
+            if awq:
+                tokens, _ = calibration_tokens(args.model, 64, 256)
+                stats = awq_quantize_checkpoint(args.model, out, scheme, tokens)
+            else:
+                stats = quantize_checkpoint(args.model, out, scheme)
+            label = f"{base} 128x128" if base == "fp8" else f"{base} g{args.group_size}" + (" AWQ" if awq else "")
+            variants.append((label, out, stats))
+        variants += [(str(d), d, None) for d in args.extra]
         base_ppl = None
         for label, path, stats in variants:
             r = perplexity(path, args.max_batches)

@@ -273,6 +273,8 @@ TRAIN_HELP = {
            "(default: off)",
     "qat_group_size": "--qat: input channels per scale, as `deepmoe quantize --group-size`",
     "activation_checkpointing": "recompute each block in backward to save memory",
+    "ep": "expert-parallel size under torchrun: ranks that split the routed experts between them (must divide the "
+          "world size and the expert count; the rest of the world is FSDP data parallel)",
     "compile": "torch.compile each decoder block", "seed": "seed of initialisation, split and data order",
     "max_bad_steps": "consecutive non-finite steps before the run stops",
     "eval_every": "steps between validation passes (default: --steps / 10)",
@@ -346,6 +348,8 @@ def cmd_train(args) -> int:
             raise FileNotFoundError(f"nothing to resume: {str(saved_path)!r} does not exist")
         cfg, model_cfg = resolve(resume_config(TrainConfig.from_json(saved_path), given), torch.cuda.is_available())
     summary = train(cfg, model_cfg, resume=args.resume)
+    if summary is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return 0
     print(f"done      {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s wall "
           f"({summary['step_time_s']:.0f}s in steps, {summary['tokens_per_s']:,} tok/s), "
           f"{summary['skipped_steps']} skipped")

@@ -23,6 +23,28 @@ class Routing(NamedTuple):
     scores: torch.Tensor  # (N, E) fp32 unbiased affinities (for the sequence-wise aux loss)
 
 
+class RoutingLog:
+    """Where the MoE layers of one forward pass append their Routing (`router_out`), in order. Deliberately
+    not a list: wrappers that walk a module's arguments (FSDP's forward hooks rebuild any list or tuple in
+    them that holds tensors needing gradients) pass an object they do not know through untouched, where a
+    list would be copied and the later layers' routings lost."""
+
+    def __init__(self):
+        self.items: list[Routing] = []
+
+    def append(self, routing: Routing) -> None:
+        self.items.append(routing)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __iter__(self):
+        return iter(self.items)
+
+
 def route(logits: torch.Tensor, *, top_k: int, scoring_func: str = "softmax", topk_method: str = "greedy",
           n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = False,
           routed_scaling_factor: float = 1.0, bias: torch.Tensor | None = None) -> Routing:

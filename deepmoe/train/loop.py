@@ -8,6 +8,10 @@ stop the run, naming the last checkpoint from before the loss or gradient norm b
 pruning keeps. On CPU the run is deterministic: stopping at a checkpoint and resuming gives the same
 losses, bit for bit, as never stopping. A resume may change the optimizer and schedule; the change is
 recorded in the config's history and in the metrics.
+
+Launched by torchrun on more than one process, the same loop trains data parallel with FSDP2 and, with
+--ep, expert parallel (deepmoe.parallel, docs/distributed.md): each rank reads its slice of the same global
+batch, the figures logged are reduced over the ranks, and rank 0 alone writes the run's files.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import load_pretrained, save_state
 from ..config import ModelConfig
 from ..data import BatchSampler
 from ..durable import atomic_write_text, mkdir, mkdtemp, remove_dir, replace_dir
 from ..generate import generate
 from ..model import build_model
+from ..model.router import RoutingLog
+from ..parallel.mesh import Process, check_layout, init_distributed
+from ..parallel.training import DataParallelRun, unsupported
+from ..parallel.parallelize import ParallelConfig
 from .async_checkpoint import BackgroundSaves
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
 from .compute_weights import ComputeWeights
@@ -46,13 +54,16 @@ from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
 from .state import (
     TRAIN_CONFIG,
+    checkpoint_path,
     checkpoint_step,
     find_checkpoint,
     list_checkpoints,
     load_trainer_state,
     remove_interrupted_saves,
     save_checkpoint,
+    optimizer_tensors,
     write_model_dir,
+    write_run_files,
 )
 from .transforms import apply_activation_checkpointing, apply_compile, autocast_context, eager, qat_summary
 
@@ -90,7 +101,7 @@ def step_loss(model, x: torch.Tensor, y: torch.Tensor, cfg) -> tuple[torch.Tenso
     compile as one graph (tested with fullgraph=True); capacity dropping (cfg.capacity_factor) is the
     exception, as its kept counts are data-dependent."""
     mc = model.config
-    router_out: list = []
+    router_out = RoutingLog()  # not a plain list: it must survive FSDP's hooks (see RoutingLog)
     hidden = model.hidden_states(x, router_out=router_out, capacity_factor=cfg.capacity_factor)
     head = model.lm_head.weight  # the head runs inside the chunked loss: the logits never exist whole
     ce = linear_cross_entropy(hidden, head, y)
@@ -113,12 +124,16 @@ def step_loss(model, x: torch.Tensor, y: torch.Tensor, cfg) -> tuple[torch.Tenso
 
 
 def optimizer_update(model, optimizer: torch.optim.Optimizer, moe: list, counts: torch.Tensor | None, loss: float,
-                     cfg, state: dict[str, Any]) -> tuple[float, bool]:
+                     cfg, state: dict[str, Any], clip_grad_norm=None) -> tuple[float, bool]:
     """The end of a step, once its gradients are accumulated: clip them, then either skip the step (a
     non-finite loss or gradient norm: counted in state's skipped_steps and bad_in_a_row) or take the optimizer
-    step and move the balancing bias by the step's expert counts. → (gradient norm, skipped)."""
+    step and move the balancing bias by the step's expert counts. → (gradient norm, skipped).
+    clip_grad_norm(params, max_norm) → norm: a distributed run's, over every rank's shards (default: torch's)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
+    if clip_grad_norm is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf, foreach=True))
+    else:
+        grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if skipped:
         state["skipped_steps"] += 1
@@ -132,6 +147,19 @@ def optimizer_update(model, optimizer: torch.optim.Optimizer, moe: list, counts:
     return grad_norm, skipped
 
 
+class _NoLog:
+    """The metrics log of ranks other than 0: they compute the same records and write none."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> _NoLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class Trainer:
     """`resume`: False starts a new run; True continues from the newest checkpoint; a checkpoint's name
     (`step-0000020`) or path continues from that one, deleting the later ones (they belong to the run that
@@ -142,6 +170,17 @@ class Trainer:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.run_dir = Path(cfg.out)
         self.device = torch.device(cfg.device)
+        proc = Process.from_env()
+        self.dist: DataParallelRun | None = None  # set below when torchrun started more than one process
+        if proc.world_size > 1 or cfg.ep > 1:
+            moe = any(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_hidden_layers))
+            check_layout(proc.world_size, cfg.ep, model_cfg.n_routed_experts if moe else None, proc.rank)
+            refused = unsupported(cfg, resume)
+            if refused:
+                raise ValueError(f"rank {proc.rank}: not available with more than one process yet: "
+                                 f"{'; '.join(refused)}")
+            proc, self.device = init_distributed(cfg.device)
+        self.is_main = proc.rank == 0
         checkpoints = list_checkpoints(self.run_dir)
         if checkpoints and not resume:
             raise ValueError(f"{str(self.run_dir)!r} already holds a run (checkpoints up to "
@@ -153,16 +192,28 @@ class Trainer:
             ckpt = checkpoints[-1] if resume is True else find_checkpoint(self.run_dir, resume)
         torch.manual_seed(cfg.seed)
 
+        if proc.world_size > 1 and not self.is_main:
+            torch.distributed.barrier()  # rank 0 trains the tokenizer and fills the token cache first
         self.data: TrainData = prepare_data(
             cfg.data, seq_len=cfg.seq_len, vocab_size=model_cfg.vocab_size, cache_dir=cfg.cache_dir,
             val_fraction=cfg.val_fraction, seed=cfg.seed, text_field=cfg.text_field, tokenizer_dir=cfg.tokenizer)
-        mkdir(self.run_dir)  # only once the data is known to be usable
-        remove_interrupted_saves(self.run_dir)
+        if proc.world_size > 1 and self.is_main:
+            torch.distributed.barrier()
+        if self.is_main:
+            mkdir(self.run_dir)  # only once the data is known to be usable
+            remove_interrupted_saves(self.run_dir)
         if ckpt is not None:
             self.model = load_pretrained(ckpt, device=self.device, dtype=torch.float32)
         else:
             self.model = build_model(model_cfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
         self.model.train()
+        self.autocast = autocast_context(self.device, cfg.precision)
+        if proc.world_size > 1:  # before the optimizer, which must hold the sharded parameters
+            if cfg.activation_checkpointing:
+                apply_activation_checkpointing(self.model)
+            # FSDP's gathered bf16 weights play the part of the single-device bf16 compute copies
+            dtype = torch.bfloat16 if self.autocast is not None else torch.float32
+            self.dist = DataParallelRun(proc, self.device, self.model, ParallelConfig(cfg.ep, dtype), cfg.batch_size)
         self.moe = moe_layers(self.model)  # main stack first, then MTP blocks: router_out's order
         blocks = [*self.model.model.layers, *(m.block for m in self.model.mtp)]
         self.moe_layer_ids = [i for i, block in enumerate(blocks) if block.mlp in self.moe]  # metrics labels
@@ -180,7 +231,8 @@ class Trainer:
         self.complete = ckpt is not None and self.state["step"] >= cfg.steps and (self.run_dir / SUMMARY).is_file()
         self.changes: dict[str, dict[str, Any]] = {}
         if ckpt is None:
-            atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
+            if self.is_main:
+                atomic_write_text(self.run_dir / TRAIN_CONFIG, json.dumps(cfg.to_dict(), indent=2))
         elif not self.complete:
             self._continue_from(ckpt, checkpoints)
         # transforms go on after loading: they wrap forward functions, never parameter names
@@ -188,15 +240,17 @@ class Trainer:
             print(convert_to_fp8_training(self.model).summary())
         if cfg.qat:  # the same Parameters, fake-quantised in the forward pass
             print(qat_summary(self.model, cfg))
-        if cfg.activation_checkpointing:
+        if cfg.activation_checkpointing and self.dist is None:
             apply_activation_checkpointing(self.model)
         if cfg.compile:
             apply_compile(self.model)
-        self.autocast = autocast_context(self.device, cfg.precision)
         # bf16 compute copies of the matmul weights over the fp32 masters, wherever the matmuls run in bf16
-        self.compute = ComputeWeights(self.model) if self.autocast is not None else None
+        self.compute = ComputeWeights(self.model) if self.autocast is not None and self.dist is None else None
         if self.complete:
             self.metrics = None  # nothing will be logged, and the log is left as the run finished it
+            return
+        if not self.is_main:
+            self.metrics = _NoLog()
             return
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state["step"] if ckpt else None)
         if self.changes:
@@ -239,11 +293,18 @@ class Trainer:
         set_lr(self.optimizer, lr)
         results = []
         for _ in range(cfg.grad_accum):
-            x, y = self.data.train.batch(next(self.sampler))
+            indices = next(self.sampler)  # the global batch; a distributed rank reads its slice of it
+            x, y = self.data.train.batch(indices if self.dist is None else self.dist.local_indices(indices))
             results.append(self.forward_backward(x.to(self.device), y.to(self.device), 1.0 / cfg.grad_accum))
-        loss = _mean([r.loss for r in results])
+        figures = [_mean([getattr(r, f) for r in results]) for f in ("loss", "ce", "mtp", "aux")]
         counts = None if results[0].counts is None else sum(r.counts for r in results)
-        grad_norm, skipped = optimizer_update(self.model, self.optimizer, self.moe, counts, loss, cfg, self.state)
+        clip = None
+        if self.dist is not None:  # global means and counts: every rank logs, skips and balances alike
+            figures, counts = self.dist.reduce_step(figures, counts)
+            clip = self.dist.clip_grad_norm
+        loss, ce, mtp, aux = figures
+        grad_norm, skipped = optimizer_update(self.model, self.optimizer, self.moe, counts, loss, cfg, self.state,
+                                              clip)
         if self.compute is not None and not skipped:
             self.compute.refresh()
         if self.device.type == "cuda":  # the optimizer step is still queued: count it in this step's time
@@ -255,8 +316,7 @@ class Trainer:
         self.state["tokens"] += tokens
         self.state["elapsed_s"] += dt
         record = {"kind": "train", "step": self.state["step"], "tokens": self.state["tokens"], "loss": loss,
-                  "ce": _mean([r.ce for r in results]), "mtp_loss": _mean([r.mtp for r in results]),
-                  "aux_loss": _mean([r.aux for r in results]), "lr": lr, "grad_norm": grad_norm,
+                  "ce": ce, "mtp_loss": mtp, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
                   "tok_per_s": tokens / dt, "elapsed_s": self.state["elapsed_s"], "skipped": skipped,
                   "moe_layers": self.moe_layer_ids[:0 if counts is None else len(counts)],
                   "num_hidden_layers": self.model_cfg.num_hidden_layers}  # moe_layers from here on are MTP blocks
@@ -305,6 +365,13 @@ class Trainer:
         state = dict(self.state, sampler=self.sampler.state_dict())
         # while blowing up, keep the checkpoint to come back to however many newer ones are saved
         keep = last_sound_step(self.state["health"])
+        if self.dist is not None:  # every rank gathers; rank 0 writes what it received
+            weights = self.dist.model_state(self.model)
+            moments = self.dist.full_state(optimizer_tensors(self.model, self.optimizer))
+            if not self.is_main:
+                return checkpoint_path(self.run_dir, self.state["step"])
+            return self.saves.save(self.run_dir, self.model, self.optimizer, self.data.tokenizer, self.cfg, state,
+                                   also_keep_up_to=keep, gathered=(weights, moments))
         if self.cfg.async_checkpoint:
             return self.saves.save(self.run_dir, self.model, self.optimizer, self.data.tokenizer, self.cfg, state,
                                    also_keep_up_to=keep)
@@ -314,9 +381,16 @@ class Trainer:
     def write_final(self) -> Path:
         self.saves.wait()  # the last checkpoint first: a run whose final/ exists has all its checkpoints
         final = self.run_dir / "final"
+        weights = None if self.dist is None else self.dist.model_state(self.model)
+        if not self.is_main:
+            return final
         tmp = mkdtemp(prefix=".final.", dir=self.run_dir)
         try:
-            write_model_dir(tmp, self.model, self.data.tokenizer, self.cfg)
+            if weights is None:
+                write_model_dir(tmp, self.model, self.data.tokenizer, self.cfg)
+            else:
+                save_state(weights, self.model_cfg, tmp)
+                write_run_files(tmp, self.data.tokenizer, self.cfg)
             replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -334,11 +408,20 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False, echo=print
-          ) -> dict[str, Any]:
-    """Run (or continue, see `Trainer`) training to cfg.steps; return the summary also written to RUN/summary.json."""
+          ) -> dict[str, Any] | None:
+    """Run (or continue, see `Trainer`) training to cfg.steps; return the summary also written to RUN/summary.json
+    (None on the ranks other than 0 of a distributed run)."""
     from tqdm.auto import tqdm  # imported here: only a running training loop draws a progress bar
 
     trainer = Trainer(cfg, model_cfg, resume)
+    try:
+        return _run(trainer, echo if trainer.is_main else lambda *a, **k: None, tqdm)
+    finally:
+        if trainer.dist is not None:
+            trainer.dist.close()
+
+
+def _run(trainer: Trainer, echo, tqdm) -> dict[str, Any] | None:
     cfg, run_dir, state = trainer.cfg, trainer.run_dir, trainer.state
     d = trainer.data
     echo(f"data      {cfg.data or 'python stdlib'}: {d.train_documents} train / {d.val_documents} val documents, "
@@ -360,7 +443,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.Path
         echo(f"changed   {name} {change['from']} -> {change['to']} from step {state['step']} on "
              f"(recorded in {run_dir / TRAIN_CONFIG})")
     last_val: dict[str, float] | None = None
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not (cfg.progress and trainer.is_main), unit="step",
+               dynamic_ncols=True)
     try:
         with trainer.metrics:
             with bar:
@@ -376,7 +460,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.Path
                         bar.close()
                     if step % cfg.eval_every == 0 and step < cfg.steps:
                         last_val = trainer.log_validation()
-                        bar.write(f"step {step:>6}  val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}")
+                        if trainer.is_main:
+                            bar.write(f"step {step:>6}  val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}")
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                         trainer.save()
             # the final figures use the whole validation split, not the periodic subset (while the last
@@ -386,7 +471,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.Path
     except BaseException:  # a crash, a divergence, Ctrl-C: the checkpoint in flight still reaches the disk
         trainer.saves.settle()
         raise
-    sample = trainer.sample() if cfg.sample_tokens else ""
+    sample = trainer.sample() if cfg.sample_tokens else ""  # every rank: the model's forward is collective
+    if not trainer.is_main:
+        return None  # rank 0 reports
     atomic_write_text(run_dir / "sample.txt", sample)
     plots = []
     if cfg.plots:

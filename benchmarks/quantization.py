@@ -22,7 +22,7 @@ import torch
 
 from deepmoe.checkpoint import load_pretrained
 from deepmoe.data import PackedDataset, read_documents, split_documents
-from deepmoe.engine.llm import LLM
+from deepmoe.engine.llm import LLMEngine
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.quant import QuantScheme, quantize_checkpoint
 from deepmoe.tokenizer import load_tokenizer
@@ -32,8 +32,15 @@ from deepmoe.train.evaluate import evaluate
 from deepmoe.train.state import TRAIN_CONFIG
 
 
-def perplexity(path: Path, max_batches: int) -> dict:
-    model = load_pretrained(path, device="cpu", dtype=torch.float32, load_mtp=False)
+def load(path: Path):
+    """The model at `path` as every variant here runs it: CPU, fp32 (an fp8 directory would load as bf16)."""
+    return load_pretrained(path, device="cpu", dtype=torch.float32, load_mtp=False)
+
+
+def perplexity(path: Path, max_batches: int, model=None) -> dict:
+    """On the held-out split of the run that trained the model at `path`: that model, or `model`, a
+    variant of it built in memory (benchmarks/torchao_compare.py's)."""
+    model = load(path) if model is None else model
     tok = load_tokenizer(path)
     saved = TrainConfig.from_json(path / TRAIN_CONFIG)
     docs = split_documents(read_documents(saved.data, saved.text_field), saved.val_fraction, saved.seed)[1]
@@ -41,15 +48,22 @@ def perplexity(path: Path, max_batches: int) -> dict:
     return evaluate(model, PackedDataset(tokens, saved.seq_len or 256), 8, max_batches, text_bytes(docs) / len(tokens))
 
 
-def decode_speed(path: Path, new_tokens: int, repeats: int) -> float:
-    llm = LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=1, kv_cache_bytes=64 * 2**20)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+def decode_speed(model, tokenizer, new_tokens: int, repeats: int, cuda_graphs: bool = True) -> float:
+    """Batch-1 greedy tokens/s of a built model through the engine (what `LLM` runs), on the model's device.
+    The engine reads each step's tokens back to the host, so the clock stops after the GPU's work."""
+    engine = LLMEngine(model, tokenizer, kv_cache_bytes=64 * 2**20, max_num_seqs=1, cuda_graphs=cuda_graphs)
     prompt = list(range(10, 26))
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+
+    def run(max_tokens: int) -> None:
+        engine.add(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), "bench")
+        while engine.scheduler.has_unfinished():
+            engine.step()
+
+    run(8)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        llm.generate([prompt], params)
+        run(new_tokens)
         times.append(time.perf_counter() - t0)
     return new_tokens / (sum(times) / len(times))
 
@@ -75,7 +89,7 @@ def main() -> None:
         for label, path, stats in variants:
             r = perplexity(path, args.max_batches)
             base_ppl = base_ppl or r["ppl"]
-            tps = decode_speed(path, args.new_tokens, args.repeats)
+            tps = decode_speed(load(path), load_tokenizer(path), args.new_tokens, args.repeats)
             if stats is None:
                 size = "—"
             else:

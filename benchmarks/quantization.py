@@ -48,9 +48,10 @@ def perplexity(path: Path, max_batches: int, model=None) -> dict:
     return evaluate(model, PackedDataset(tokens, saved.seq_len or 256), 8, max_batches, text_bytes(docs) / len(tokens))
 
 
-def decode_speed(model, tokenizer, new_tokens: int, repeats: int, cuda_graphs: bool = True) -> float:
-    """Batch-1 greedy tokens/s of a built model through the engine (what `LLM` runs), on the model's device.
-    The engine reads each step's tokens back to the host, so the clock stops after the GPU's work."""
+def decode_runner(model, tokenizer, cuda_graphs: bool = True):
+    """A warmed-up function n → None that greedily decodes n tokens at batch 1 after a fixed 16-token prompt,
+    through the engine (what `LLM` runs), on the model's device. The engine reads each step's tokens back to
+    the host, so a call returns after the GPU's work."""
     engine = LLMEngine(model, tokenizer, kv_cache_bytes=64 * 2**20, max_num_seqs=1, cuda_graphs=cuda_graphs)
     prompt = list(range(10, 26))
 
@@ -60,6 +61,12 @@ def decode_speed(model, tokenizer, new_tokens: int, repeats: int, cuda_graphs: b
             engine.step()
 
     run(8)  # warm-up
+    return run
+
+
+def decode_speed(model, tokenizer, new_tokens: int, repeats: int) -> float:
+    """Batch-1 greedy tokens/s of a built model: the mean of `repeats` runs after a warm-up."""
+    run = decode_runner(model, tokenizer)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

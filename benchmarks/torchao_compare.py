@@ -32,7 +32,8 @@ library, plain_int32 is XPU-only. Rounding is round-half-to-even on every side.
 Figures: held-out perplexity (with --model: benchmarks/quantization.py's); the weights each variant actually
 multiplies by, read back through the module (module(I)ᵀ), against the model's and against deepmoe's of the
 same bits; batch-1 greedy decode tokens/s through deepmoe's engine (benchmarks/quantization.py's
-decode_speed). Without --model the weights are random ones of --preset (no perplexity). Prints a markdown table.
+decode_runner; every variant once per round, --repeats rounds, the median). Without --model the weights are
+random ones of --preset (no perplexity). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ import datetime
 import math
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from quantization import decode_speed, load, perplexity  # benchmarks/ (the script's folder is on sys.path)
+from quantization import decode_runner, load, perplexity  # benchmarks/ (the script's folder is on sys.path)
+from timing import time_calls
 
 from deepmoe.config import ModelConfig
 from deepmoe.model import build_model
@@ -155,7 +158,7 @@ def compare(base, tokenizer, model_dir: Path | None, max_batches: int, new_token
                         lambda m, n: None), deepmoe_variant(8), *theirs[:2], deepmoe_variant(4), *theirs[2:]]
     reference = effective_weights(base, names)
     ours: dict[int, dict[str, torch.Tensor]] = {}
-    rows = []
+    rows, runners = [], {}
     for v in variants:
         row = {"label": v.label, "bits": v.bits, "modules": len(names), "error": None}
         model = copy.deepcopy(base)
@@ -170,18 +173,26 @@ def compare(base, tokenizer, model_dir: Path | None, max_batches: int, new_token
             if model_dir is not None and device.type == "cpu":
                 row["ppl"] = perplexity(model_dir, max_batches, model)["ppl"]
             try:
-                row["tok_s"] = decode_speed(model, tokenizer, new_tokens, repeats)
-            except Exception as e:  # noqa: BLE001 — CUDA graph capture of a tensor subclass: say so, time eagerly
+                runners[v.label] = decode_runner(model, tokenizer)
+            except Exception as e:  # noqa: BLE001 — CUDA graph capture of a tensor subclass: say so, run eagerly
                 if device.type != "cuda":
                     raise
                 print(f"{v.label}: CUDA-graph decode failed ({type(e).__name__}: {e}); timing eagerly", flush=True)
-                row["tok_s"] = decode_speed(model, tokenizer, new_tokens, repeats, cuda_graphs=False)
+                runners[v.label] = decode_runner(model, tokenizer, cuda_graphs=False)
                 row["eager"] = True
         except Exception as e:  # noqa: BLE001 — one variant failing must not hide the others' figures
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        print(f"{v.label}: {row['error'] or 'done'}", flush=True)
+        print(f"{v.label}: {row['error'] or 'built'}", flush=True)
         rows.append(row)
-        del model
+    # decode timed in rounds, each variant once per round, median: on a shared machine a load change then
+    # lands on every variant rather than on whichever ran during it
+    times = {label: [] for label in runners}
+    for _ in range(repeats):
+        for label, run in runners.items():
+            times[label] += time_calls(lambda run=run: run(new_tokens), 1, device)
+    for row in rows:
+        if row["label"] in times:
+            row["tok_s"] = new_tokens / statistics.median(times[row["label"]])
     return rows
 
 
@@ -233,7 +244,7 @@ def main(argv=None) -> int:
              else f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s)")
     print(f"\n{datetime.date.today()}, {where}, torch {torch.__version__}, torchao {torchao.__version__}; {label}; "
           f"{rows[0]['modules']} projections quantised on every side (not the routed experts or kv_b_proj); "
-          f"batch-1 greedy decode of {args.new_tokens} tokens after 16, mean of {args.repeats}\n")
+          f"batch-1 greedy decode of {args.new_tokens} tokens after 16, median of {args.repeats} rounds\n")
     print("\n".join(table(rows)))
     if not rows[0]["error"]:  # one line per variant for the GPU suite's summary
         print()

@@ -89,6 +89,14 @@ def steps() -> list[Step]:
              ["bash", "-c", f"rm -rf /tmp/suite-mtp && {PY} -m deepmoe.cli train --steps 2 --eval-every 2 "
               f"--eval-batches 1 --out /tmp/suite-mtp >/dev/null && {PY} {b}decode.py --model /tmp/suite-mtp/final "
               "--prompt 'import os' --new-tokens 8 --rounds 1"], 180),
+        # torchao's weight-only int8/int4 (tinygemm int4) against deepmoe's on the same linears (not the routed
+        # experts or kv_b_proj, which torchao cannot take), bf16: needs torchao importable on the GPU machine
+        # (`pip install --no-deps torchao` into a folder that travels, on PYTHONPATH); without it the step fails
+        # saying so. ~6 engine builds with CUDA-graph capture and 2 x 64 tokens each
+        Step("torchao vs deepmoe int8/int4, ref-813M decode, batch 1",
+             [PY, b + "torchao_compare.py", "--device", "cuda", "--preset", "ref-813M", "--new-tokens", "64",
+              "--repeats", "2"],
+             [PY, b + "torchao_compare.py", "--preset", "tiny", "--new-tokens", "8", "--repeats", "1"], 120),
         Step("rollout ref-813M, P 8 x G 8, 256 new",
              [PY, b + "rollout.py", "--device", "cuda", "--preset", "ref-813M", "--prompts", "8", "--generations", "8",
               "--new-tokens", "256", "--rounds", "3"],

@@ -23,7 +23,7 @@ import torch
 
 from deepmoe.checkpoint import load_pretrained
 from deepmoe.data import PackedDataset, read_documents, split_documents
-from deepmoe.engine.llm import LLM
+from deepmoe.engine.llm import LLMEngine
 from deepmoe.engine.sequence import SamplingParams
 from deepmoe.quant import QuantScheme, quantize_checkpoint
 from deepmoe.quant.calibration import calibration_tokens
@@ -35,8 +35,15 @@ from deepmoe.train.evaluate import evaluate
 from deepmoe.train.state import TRAIN_CONFIG
 
 
-def perplexity(path: Path, max_batches: int) -> dict:
-    model = load_pretrained(path, device="cpu", dtype=torch.float32, load_mtp=False)
+def load(path: Path):
+    """The model at `path` as every variant here runs it: CPU, fp32 (an fp8 directory would load as bf16)."""
+    return load_pretrained(path, device="cpu", dtype=torch.float32, load_mtp=False)
+
+
+def perplexity(path: Path, max_batches: int, model=None) -> dict:
+    """On the held-out split of the run that trained the model at `path`: that model, or `model`, a
+    variant of it built in memory (benchmarks/torchao_compare.py's)."""
+    model = load(path) if model is None else model
     tok = load_tokenizer(path)
     saved = TrainConfig.from_json(path / TRAIN_CONFIG)
     docs = split_documents(read_documents(saved.data, saved.text_field), saved.val_fraction, saved.seed)[1]
@@ -44,15 +51,29 @@ def perplexity(path: Path, max_batches: int) -> dict:
     return evaluate(model, PackedDataset(tokens, saved.seq_len or 256), 8, max_batches, text_bytes(docs) / len(tokens))
 
 
-def decode_speed(path: Path, new_tokens: int, repeats: int) -> float:
-    llm = LLM(path, device="cpu", dtype=torch.float32, max_num_seqs=1, kv_cache_bytes=64 * 2**20)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+def decode_runner(model, tokenizer, cuda_graphs: bool = True):
+    """A warmed-up function n → None that greedily decodes n tokens at batch 1 after a fixed 16-token prompt,
+    through the engine (what `LLM` runs), on the model's device. The engine reads each step's tokens back to
+    the host, so a call returns after the GPU's work."""
+    engine = LLMEngine(model, tokenizer, kv_cache_bytes=64 * 2**20, max_num_seqs=1, cuda_graphs=cuda_graphs)
     prompt = list(range(10, 26))
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+
+    def run(max_tokens: int) -> None:
+        engine.add(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), "bench")
+        while engine.scheduler.has_unfinished():
+            engine.step()
+
+    run(8)  # warm-up
+    return run
+
+
+def decode_speed(model, tokenizer, new_tokens: int, repeats: int) -> float:
+    """Batch-1 greedy tokens/s of a built model: the mean of `repeats` runs after a warm-up."""
+    run = decode_runner(model, tokenizer)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        llm.generate([prompt], params)
+        run(new_tokens)
         times.append(time.perf_counter() - t0)
     return new_tokens / (sum(times) / len(times))
 
@@ -90,7 +111,7 @@ def main() -> None:
         for label, path, stats in variants:
             r = perplexity(path, args.max_batches)
             base_ppl = base_ppl or r["ppl"]
-            tps = decode_speed(path, args.new_tokens, args.repeats)
+            tps = decode_speed(load(path), load_tokenizer(path), args.new_tokens, args.repeats)
             if stats is None:
                 size = "—"
             else:

@@ -66,11 +66,13 @@ def cpu_decode_layout(model: DeepSeekModel) -> None:
     same values and shape, other strides. At decode sizes torch's CPU kernels then run x·Wᵀ as a
     row-major GEMV that streams the weights ~2.5x faster (measured on this project's 2-core CI machine:
     19 vs 7.4 GB/s on a 64 MiB matrix). kv_b_proj is left alone (absorbed attention views it per head),
-    and so is a head tied to the embedding (row lookups want rows contiguous)."""
+    and so is a head tied to the embedding (row lookups want rows contiguous), and so is a weight that is a
+    tensor subclass (torchao's quantised weights: their own packed layout, and no transpose to re-lay out)."""
     tied = model.model.embed_tokens.weight
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and module.weight is not tied and not name.endswith("kv_b_proj"):
+            if (isinstance(module, nn.Linear) and module.weight is not tied and not name.endswith("kv_b_proj")
+                    and type(module.weight.data) is torch.Tensor):
                 module.weight.data = module.weight.data.t().contiguous().t()
             elif isinstance(module, Experts):
                 for p in (module.gate_proj, module.up_proj, module.down_proj):

@@ -109,8 +109,8 @@ class PipelineRun:
                 flat[i] = torch.stack(values).double().sum() / n
         counts = [t["counts"] for t in tally if t["counts"] is not None]
         if counts and self.rows:
-            own = torch.stack(counts).sum(0)[:len(self.rows)]  # the routings of this stage's rows, in order
-            flat[3:].view(self.n_rows, -1)[self.rows] = own.double()
+            # (own rows, E): this stage's routings in forward order, which is their order in the model
+            flat[3:].view(self.n_rows, -1)[self.rows] = torch.stack(counts).sum(0).double()
         dist.all_reduce(flat)
         ce, mtp, aux = flat[:3].tolist()
         mtp = mtp if self.model.trains_mtp else None

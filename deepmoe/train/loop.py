@@ -186,7 +186,7 @@ class Trainer:
             check_layout(proc.world_size, cfg.ep, model_cfg.n_routed_experts if moe else None, proc.rank)
             refused = unsupported(cfg, resume) + (pipeline_refusals(cfg, proc.world_size) if cfg.pp > 1 else [])
             if refused:
-                raise ValueError(f"rank {proc.rank}: not available with more than one process yet: "
+                raise ValueError(f"rank {proc.rank}: not available with more than one process or stage yet: "
                                  f"{'; '.join(refused)}")
             proc, self.device = init_distributed(cfg.device)
         self.is_main = proc.rank == 0

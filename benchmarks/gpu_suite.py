@@ -47,6 +47,13 @@ def steps() -> list[Step]:
              [PY, b + "train_throughput.py", "--device", "cuda", "--preset", "ref-813M", "--steps", "5", "--rounds", "2",
               "--no-breakdown"],  # the profile is the wide step's: the suite's minutes are counted
              [PY, b + "train_throughput.py", "--steps", "1", "--rounds", "1", "--warmup", "1", "--seq-len", "64"], 150),
+        # issue 15's goal: the distributed code path (a 1-rank process group, FSDP2) within 3% of the plain path's
+        # step time; the two trainers (2 x 0.8B with AdamW) alternate in one process on the same batches
+        Step("train ref-813M, B 8 x 1024, distributed path at world 1 vs plain",
+             [PY, b + "train_throughput.py", "--device", "cuda", "--preset", "ref-813M", "--force-distributed",
+              "--hf-impl", "--steps", "5", "--rounds", "3", "--warmup", "2", "--no-breakdown"],
+             [PY, b + "train_throughput.py", "--force-distributed", "--hf-impl", "--steps", "3", "--rounds", "3",
+              "--warmup", "1", "--seq-len", "64", "--threads", "1"], 120),
         # deepmoe alone (a transformers copy of 3.14B would not fit beside it), and where its time goes: build
         # ~30 s (3.1B parameters initialised on the host), then 7 steps of ~0.1-0.3 s and the profile's parsing
         Step("train wide-2048, B 8 x 1024, breakdown",

@@ -14,6 +14,16 @@ process, so machine noise hits both alike; the figure is the median step time.
     python benchmarks/train_throughput.py                          # CPU: tiny, 8 x 256, 2 threads, fp32
     python benchmarks/train_throughput.py --preset ref-813M --batch-size 8 --seq-len 1024   # GPU, bf16
     python benchmarks/train_throughput.py --preset wide-2048 --hf-impl      # GPU: deepmoe alone, breakdown
+    python benchmarks/train_throughput.py --force-distributed --hf-impl     # distributed path at world 1 vs plain
+
+--force-distributed adds a second deepmoe trainer that takes the distributed code path on this one process: a
+1-rank process group (gloo on CPU, NCCL on CUDA), the (dp_shard, ep) = (1, 1) mesh and parallelize (FSDP2 on
+every block and the root; bf16 gathers under mixed precision), the all-reduced step figures, counts and grad
+norm. It is what `torchrun -m deepmoe train` runs on every rank, without other ranks to wait for: the cost of
+the path itself. Both trainers start from the same seed, so the same weights and batches (their first losses
+are checked equal), and are timed in the same alternating rounds; the line "distributed path (world 1) / plain
+path" is the ratio of their median step times (issue 15's goal: <= 1.03x on ref-813M on one GPU). With one
+rank ep is 1, so the expert-parallel dispatch (installed only for ep > 1) is not part of what is timed.
 
 MFU (GPU only) = tokens/s · model FLOPs per token / peak FLOP/s, with model FLOPs per token
     6 · N + 3 · L · H · T · (d_qk + d_v)
@@ -34,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import os
 import random
 import statistics
 import sys
@@ -116,6 +128,8 @@ def make_steps(args, device: torch.device, tmp: Path):
         torch.cuda.is_available())
     trainer = Trainer(cfg, model_cfg.replace(num_nextn_predict_layers=0))
     steps = [("deepmoe Trainer.train_step", trainer.train_step)]
+    if args.force_distributed:
+        steps.append((DISTRIBUTED, distributed_trainer(cfg, model_cfg, tmp).train_step))
     if args.hf_impl:
         save_pretrained(trainer.model, tmp / "weights")  # same weights for transformers
     data = trainer.data.train
@@ -140,6 +154,22 @@ def make_steps(args, device: torch.device, tmp: Path):
     return steps, trainer
 
 
+DISTRIBUTED = "deepmoe distributed, world 1"
+
+
+def distributed_trainer(cfg: TrainConfig, model_cfg: ModelConfig, tmp: Path) -> Trainer:
+    """The same trainer on the distributed path in a process group of this one process (see the docstring)."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    return Trainer(dataclasses.replace(cfg, out=str(tmp / "run-distributed")), model_cfg.replace(num_nextn_predict_layers=0), distributed=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default=None, help="default: tiny on CPU, ref-813M on CUDA")
@@ -155,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="deepmoe's blocks compiled (deepmoe train --compile)")
     p.add_argument("--hf-impl", nargs="*", default=["eager", "grouped_mm"],
                    help="transformers experts_implementation values to compare with (none: time deepmoe alone)")
+    p.add_argument("--force-distributed", action="store_true",
+                   help="also time the distributed code path (FSDP2, a 1-rank process group) against the plain path")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
                    help=f"after the timed rounds, profile {PROFILED_STEPS} deepmoe steps and print where the time "
                         "goes (default: on CUDA only)")
@@ -199,7 +231,11 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     peak_mem[name] = max(peak_mem.get(name, 0), torch.cuda.max_memory_allocated(device))
         breakdown = profile_steps(trainer.train_step, trainer.model, PROFILED_STEPS, device) if args.breakdown else None
-        trainer.metrics.close()
+        for name, step in steps:
+            if name.startswith("deepmoe"):
+                step.__self__.metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     tokens = args.batch_size * args.seq_len
     fpt = flops_per_token(cfg, args.seq_len)
     peaks = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in where), None)
@@ -215,7 +251,10 @@ def main(argv=None) -> int:
             line += f"  peak mem {peak_mem[name] / 2**30:.1f} GiB"
         print(line)
     ours = steps[0][0]
-    refs = [(v, n) for n, v in rates.items() if n != ours]
+    if DISTRIBUTED in rates:
+        print(f"distributed path (world 1) / plain path, median step time: {rates[ours] / rates[DISTRIBUTED]:.3f}x "
+              f"(goal <= 1.03x)")
+    refs = [(v, n) for n, v in rates.items() if n.startswith("transformers")]
     if refs:
         best_ref = max(refs)
         print(f"deepmoe / {best_ref[1]} (fastest transformers): {rates[ours] / best_ref[0]:.2f}x")

@@ -275,6 +275,9 @@ TRAIN_HELP = {
     "activation_checkpointing": "recompute each block in backward to save memory",
     "ep": "expert-parallel size under torchrun: ranks that split the routed experts between them (must divide the "
           "world size and the expert count; the rest of the world is FSDP data parallel)",
+    "pp": "pipeline-parallel size under torchrun: contiguous stages of decoder layers, one per process, trained "
+          "with a 1F1B schedule over the --grad-accum micro-batches (needs --grad-accum >= --pp; not combined with "
+          "FSDP or --ep yet)",
     "compile": "torch.compile each decoder block", "seed": "seed of initialisation, split and data order",
     "max_bad_steps": "consecutive non-finite steps before the run stops",
     "eval_every": "steps between validation passes (default: --steps / 10)",

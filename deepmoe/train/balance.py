@@ -27,9 +27,11 @@ def expert_counts(routings: list[Routing], n_experts: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_bias(layers: list[MoE], counts: torch.Tensor, rate: float) -> None:
-    """One aux-loss-free balancing step from the step's loads counts (L, E)."""
+def update_bias(layers: list[MoE | None], counts: torch.Tensor, rate: float) -> None:
+    """One aux-loss-free balancing step from the step's loads counts (L, E); a None layer is skipped."""
     for layer, load in zip(layers, counts):
+        if layer is None:  # held by another pipeline stage, which moves its bias by the same counts
+            continue
         bias = layer.gate.e_score_correction_bias
         if bias is None:  # greedy / group-limited routers have no bias to steer
             continue

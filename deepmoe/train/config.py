@@ -95,6 +95,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # expert-parallel size under torchrun: ranks that split the routed experts (deepmoe/parallel/mesh.py)
     ep: int = 1
+    # pipeline-parallel size under torchrun: stages of contiguous decoder layers, one per rank, 1F1B over the
+    # --grad-accum micro-batches (deepmoe/parallel/pipeline.py)
+    pp: int = 1
     compile: bool = False
     seed: int = 0
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
@@ -134,6 +137,7 @@ class TrainConfig:
             need(v is None or v >= 1, f"{name} must be >= 1, got {v}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
+        need(self.pp >= 1, f"pp must be >= 1, got {self.pp}")
         check_recipe(self, need)
         need(self.eval_batches >= 1 and self.keep_checkpoints >= 1 and self.max_bad_steps >= 1,
              "eval_batches, keep_checkpoints and max_bad_steps must be >= 1")
@@ -175,7 +179,7 @@ class TrainConfig:
 # the model or the objective under the saved optimizer state.
 RESUME_LOGISTICS = frozenset({"out", "cache_dir", "device", "steps", "eval_every", "eval_batches", "checkpoint_every",
                               "keep_checkpoints", "async_checkpoint", "plots", "progress", "sample_tokens",
-                              "max_bad_steps", "ep"})
+                              "max_bad_steps", "ep", "pp"})
 RESUME_OPTIMIZER = frozenset({"lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_at", "decay_factor", "beta1",
                               "beta2", "eps", "weight_decay", "grad_clip"})
 _UNRECORDED = ("out", "cache_dir", "history")  # where the files are is not a setting of the run

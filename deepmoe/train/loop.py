@@ -11,7 +11,9 @@ recorded in the config's history and in the metrics.
 
 Launched by torchrun on more than one process, the same loop trains data parallel with FSDP2 and, with
 --ep, expert parallel (deepmoe.parallel, docs/distributed.md): each rank reads its slice of the same global
-batch, the figures logged are reduced over the ranks, and rank 0 alone writes the run's files.
+batch, the figures logged are reduced over the ranks, and rank 0 alone writes the run's files. With --pp the
+ranks are pipeline stages instead (parallel/pipeline_run.py): the step's micro-batches go through a 1F1B
+schedule, and the model each rank holds is its stage.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..model.router import RoutingLog
 from ..parallel.mesh import Process, check_layout, init_distributed
 from ..parallel.training import DataParallelRun, unsupported
 from ..parallel.parallelize import ParallelConfig
+from ..parallel.pipeline import pipeline_refusals
 from .async_checkpoint import BackgroundSaves
 from .balance import expert_counts, load_metrics, moe_layers, update_bias
 from .compute_weights import ComputeWeights
@@ -165,19 +168,25 @@ class Trainer:
     (`step-0000020`) or path continues from that one, deleting the later ones (they belong to the run that
     is being replaced: a plain resume must never pick them up again)."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False):
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False,
+                 distributed: bool = False):
+        """distributed: take the distributed path (a process group, FSDP) even on one process, as torchrun with
+        one process would not: what benchmarks/train_throughput.py --force-distributed times against the plain
+        path."""
         self.started = time.perf_counter()
         self.cfg, self.model_cfg = cfg, model_cfg
         self.run_dir = Path(cfg.out)
         self.device = torch.device(cfg.device)
         proc = Process.from_env()
-        self.dist: DataParallelRun | None = None  # set below when torchrun started more than one process
-        if proc.world_size > 1 or cfg.ep > 1:
+        # set below when torchrun started more than one process (a PipelineRun with --pp)
+        self.dist: DataParallelRun | None = None
+        distributed = distributed or proc.world_size > 1
+        if distributed or cfg.ep > 1 or cfg.pp > 1:
             moe = any(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_hidden_layers))
             check_layout(proc.world_size, cfg.ep, model_cfg.n_routed_experts if moe else None, proc.rank)
-            refused = unsupported(cfg, resume)
+            refused = unsupported(cfg, resume) + (pipeline_refusals(cfg, proc.world_size) if cfg.pp > 1 else [])
             if refused:
-                raise ValueError(f"rank {proc.rank}: not available with more than one process yet: "
+                raise ValueError(f"rank {proc.rank}: not available with more than one process or stage yet: "
                                  f"{'; '.join(refused)}")
             proc, self.device = init_distributed(cfg.device)
         self.is_main = proc.rank == 0
@@ -208,15 +217,22 @@ class Trainer:
             self.model = build_model(model_cfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
         self.model.train()
         self.autocast = autocast_context(self.device, cfg.precision)
-        if proc.world_size > 1:  # before the optimizer, which must hold the sharded parameters
-            if cfg.activation_checkpointing:
-                apply_activation_checkpointing(self.model)
-            # FSDP's gathered bf16 weights play the part of the single-device bf16 compute copies
-            dtype = torch.bfloat16 if self.autocast is not None else torch.float32
-            self.dist = DataParallelRun(proc, self.device, self.model, ParallelConfig(cfg.ep, dtype), cfg.batch_size)
         self.moe = moe_layers(self.model)  # main stack first, then MTP blocks: router_out's order
         blocks = [*self.model.model.layers, *(m.block for m in self.model.mtp)]
         self.moe_layer_ids = [i for i, block in enumerate(blocks) if block.mlp in self.moe]  # metrics labels
+        if distributed:  # before the optimizer, which must hold the sharded parameters
+            if cfg.activation_checkpointing:
+                apply_activation_checkpointing(self.model)
+            if cfg.pp > 1:  # this rank keeps its stage of the model, and balances its stage's MoE layers
+                from ..parallel.pipeline_run import PipelineRun  # torch.distributed.pipelining: ~1 s to import
+
+                self.dist = PipelineRun(proc, self.device, self.model, cfg)
+                self.model, self.moe = self.dist.model, self.dist.moe_layers
+            else:
+                # FSDP's gathered bf16 weights play the part of the single-device bf16 compute copies
+                dtype = torch.bfloat16 if self.autocast is not None else torch.float32
+                self.dist = DataParallelRun(proc, self.device, self.model, ParallelConfig(cfg.ep, dtype),
+                                            cfg.batch_size)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.batch_size, cfg.seed)
         self.saves = BackgroundSaves()  # with cfg.async_checkpoint; idle otherwise
@@ -291,17 +307,20 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
-        results = []
-        for _ in range(cfg.grad_accum):
-            indices = next(self.sampler)  # the global batch; a distributed rank reads its slice of it
-            x, y = self.data.train.batch(indices if self.dist is None else self.dist.local_indices(indices))
-            results.append(self.forward_backward(x.to(self.device), y.to(self.device), 1.0 / cfg.grad_accum))
-        figures = [_mean([getattr(r, f) for r in results]) for f in ("loss", "ce", "mtp", "aux")]
-        counts = None if results[0].counts is None else sum(r.counts for r in results)
-        clip = None
-        if self.dist is not None:  # global means and counts: every rank logs, skips and balances alike
-            figures, counts = self.dist.reduce_step(figures, counts)
-            clip = self.dist.clip_grad_norm
+        if cfg.pp > 1:  # every micro-batch through the stages in one schedule; figures and counts come reduced
+            batches = [self.data.train.batch(next(self.sampler)) for _ in range(cfg.grad_accum)]
+            figures, counts = self.dist.step(batches, self.autocast)
+        else:
+            results = []
+            for _ in range(cfg.grad_accum):
+                indices = next(self.sampler)  # the global batch; a distributed rank reads its slice of it
+                x, y = self.data.train.batch(indices if self.dist is None else self.dist.local_indices(indices))
+                results.append(self.forward_backward(x.to(self.device), y.to(self.device), 1.0 / cfg.grad_accum))
+            figures = [_mean([getattr(r, f) for r in results]) for f in ("loss", "ce", "mtp", "aux")]
+            counts = None if results[0].counts is None else sum(r.counts for r in results)
+            if self.dist is not None:  # global means and counts: every rank logs, skips and balances alike
+                figures, counts = self.dist.reduce_step(figures, counts)
+        clip = None if self.dist is None else self.dist.clip_grad_norm
         loss, ce, mtp, aux = figures
         grad_norm, skipped = optimizer_update(self.model, self.optimizer, self.moe, counts, loss, cfg, self.state,
                                               clip)
@@ -345,7 +364,8 @@ class Trainer:
     def validate(self, max_batches: int | None) -> dict[str, float]:
         with self.computing():
             return evaluate(self.model, self.data.val, self.cfg.batch_size, max_batches,
-                            self.data.val_bytes_per_token, self.autocast)
+                            self.data.val_bytes_per_token, self.autocast,
+                            self.dist.batch_loss if self.cfg.pp > 1 else None)
 
     def log_validation(self, full: bool = False) -> dict[str, float]:
         """Periodic validation reads eval_batches fixed batches; `full` reads the whole split."""
@@ -402,7 +422,10 @@ class Trainer:
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
         self.model.eval()
         with self.computing(), self.autocast or contextlib.nullcontext(), eager():
-            out = generate(self.model, ids, self.cfg.sample_tokens, eos_token_id=tok.eos_id)
+            if self.cfg.pp > 1:
+                out = self.dist.generate(ids, self.cfg.sample_tokens, eos_token_id=tok.eos_id)
+            else:
+                out = generate(self.model, ids, self.cfg.sample_tokens, eos_token_id=tok.eos_id)
         self.model.train()
         return tok.decode(out[0].tolist(), skip_special_tokens=True)
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from deepmoe.checkpoint import load_pretrained
 from deepmoe.config import ModelConfig
-from deepmoe.parallel.checkpoint import DCP_DIR, ShardError
+from deepmoe.parallel.checkpoint import DCP_DIR, ShardError, export_pretrained
 from deepmoe.train import loop
 from deepmoe.train.config import resolve
 from deepmoe.train.state import list_checkpoints
@@ -47,6 +47,8 @@ def _save_and_go_on(rank: int, argv: dict, out: str, ep: int) -> None:
     trainer = _trainer(argv, Path(out), ep=ep)
     records = [trainer.train_step() for _ in range(STEPS)]
     trainer.save()
+    # the export final/ gets, of the weights just checkpointed: rank 0 writes, every rank gathers
+    export_pretrained(trainer.model, Path(f"{out}-export") if rank == 0 else None, max_shard_size=2**18)
     records += [trainer.train_step() for _ in range(AFTER)]
     trainer.dist.close()
     Path(f"{out}-rank{rank}.json").write_text(json.dumps(records))
@@ -101,6 +103,12 @@ def test_sharded_checkpoint_resumes_on_one_process_and_on_another_layout(micro, 
     fsdp = _copy(out, tmp_path / "ep1")
     one = _trainer(argv, _copy(out, tmp_path / "one"), resume=True, ep=1)
     assert one.dist is None
+    # the sharded run's export holds exactly the weights the checkpoint gave this process
+    exported = load_pretrained(Path(f"{out}-export")).state_dict()
+    assert exported.keys() == one.model.state_dict().keys()
+    for name, t in one.model.state_dict().items():
+        assert torch.equal(exported[name], t), name
+    assert len(list(Path(f"{out}-export").glob("model-*-of-*.safetensors"))) > 1  # streamed in several shards
     _assert_same_steps([one.train_step() for _ in range(AFTER)], whole[STEPS:])
 
     # a one-process run: its checkpoint (safetensors) at STEPS, and its own next steps as the reference
@@ -216,5 +224,10 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes(micro, tmp_path):
              if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]  # the lost step logged once, by the attempt that finished
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
-    model = load_pretrained(out / "final")  # the export of the sharded run: one Hugging Face directory
-    assert model.config.n_routed_experts == 16 and torch.isfinite(model.lm_head.weight).all()
+    # the export of the sharded run: one Hugging Face directory, read by deepmoe and by transformers alike
+    model = load_pretrained(out / "final").eval()
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x).logits, rtol=1e-4, atol=1e-4)

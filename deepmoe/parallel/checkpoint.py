@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,7 +213,9 @@ def _load_sharded(ckpt: Path, model, optimizer) -> None:
     moments = {name: st for name, st in groups["state"].items()
                if all(f"optim.state.{name}.{k}" in saved for k in st)}
     target = {"model": model_sd, "optim": {"state": moments}, "rng": torch.get_rng_state()}
-    dcp.load(target, storage_reader=reader, no_dist=not dist.is_initialized())  # 1 process: no group needed
+    with warnings.catch_warnings():  # one process needs no group: DCP warns that it assumes so, even when told
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(target, storage_reader=reader, no_dist=not dist.is_initialized())
     set_model_state_dict(model, target["model"])
     # the param_groups stay this run's: a resume may change the learning rate, betas, weight decay (config.py)
     set_optimizer_state_dict(model, optimizer, {"state": target["optim"]["state"],

@@ -6,7 +6,7 @@ size and expert-parallel layout, and the final model exported as one Hugging Fac
         dcp/.metadata, dcp/__R_N.distcp                   every rank R its own shards of the model's weights and
                                                          of the AdamW moments, under the single-device names
         trainer_state/state.json                         rank 0: step, tokens, counters, sampler, "format": "dcp"
-        trainer_state/shards.json                        size and CRC-32 of every .distcp file, by the rank that wrote it
+        trainer_state/shards.json                        size and CRC-32 of every .distcp file (by writer rank)
 
 The same atomic "last good checkpoint" rule as one device (train/state.py): rank 0 makes the hidden temp
 directory `.step-N.XXXXXXXX` and tells every rank its name, each rank writes its shards into it (fsynced by DCP),
@@ -205,8 +205,9 @@ def _load_sharded(ckpt: Path, model, optimizer) -> None:
     model_sd = get_model_state_dict(model)
     absent = sorted(k for k in model_sd if f"model.{k}" not in saved)
     if absent:  # the config matched: the checkpoint was written by another version of the model code
-        raise ValueError(f"checkpoint {str(ckpt)!r} lacks {len(absent)} of this model's tensors ({', '.join(absent[:4])}"
-                         f"{', ...' if len(absent) > 4 else ''}); it cannot be resumed by this model")
+        shown = ", ".join(absent[:4]) + (", ..." if len(absent) > 4 else "")
+        raise ValueError(f"checkpoint {str(ckpt)!r} lacks {len(absent)} of this model's tensors ({shown}); it "
+                         "cannot be resumed by this model")
     # a fresh optimizer: this fills every parameter's moments (a step with zero gradients and rate), the tensors
     # DCP loads into. A parameter that had no gradient before the save had no moments: it gets none again
     groups = get_optimizer_state_dict(model, optimizer)

@@ -26,9 +26,10 @@ def restart_count() -> int:
 
 
 def resolve_resume(resume: bool | str, run_dir: Path) -> bool | str:
-    """`--resume auto`, and a plain start that torchrun restarted: True if the run has a complete checkpoint
-    (resume from the newest), else False (start, replacing what a failed first attempt left)."""
-    if resume == AUTO or (resume is False and restart_count() > 0):
+    """`--resume auto`, and any run torchrun restarted: True if the run has a complete checkpoint (resume from
+    the newest), else False (start, replacing what a failed first attempt left). A restart ignores a named
+    checkpoint (`--resume step-N` on the command line it repeats): the newer ones are this run's progress."""
+    if resume == AUTO or restart_count() > 0:
         return bool(list_checkpoints(run_dir))
     return resume
 

@@ -11,7 +11,8 @@ recorded in the config's history and in the metrics.
 
 Launched by torchrun on more than one process, the same loop trains data parallel with FSDP2 and, with
 --ep, expert parallel (deepmoe.parallel, docs/distributed.md): each rank reads its slice of the same global
-batch, the figures logged are reduced over the ranks, and rank 0 alone writes the run's files.
+batch, the figures logged are reduced over the ranks, rank 0 alone writes the run's files and every rank its
+shards of each checkpoint (parallel/checkpoint.py); a run torchrun restarts resumes by itself (parallel/elastic.py).
 """
 
 from __future__ import annotations

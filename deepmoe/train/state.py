@@ -12,7 +12,8 @@ place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at a
 existing checkpoint intact and never a half-written one under a step-* name; what such a crash does leave,
 the hidden temp directory, is removed when the run next starts (`remove_interrupted_saves`). No pickle:
 tensors are safetensors, the rest JSON. The pretraining loop writes the same files from a snapshot in host
-memory on a background thread (deepmoe.train.async_checkpoint); post-training saves here, in its loop.
+memory on a background thread (deepmoe.train.async_checkpoint); post-training saves here, in its loop. A run
+on several processes writes sharded checkpoints under the same names and rules (deepmoe.parallel.checkpoint).
 """
 
 from __future__ import annotations

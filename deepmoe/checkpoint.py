@@ -65,8 +65,11 @@ def internal_to_hf(model: DeepSeekModel) -> Iterator[tuple[str, torch.Tensor]]:
     return state_to_hf(model.state_dict(keep_vars=False), model.config)
 
 
-def state_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """internal_to_hf for a model's state dict (the live one, or a copy of it in host memory)."""
+def state_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, shared_copies: bool = True
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """internal_to_hf for a model's state dict (the live one, or a copy of it in host memory). shared_copies=False
+    leaves out the MTP layers' copies of the embedding and head (`mtp_shared_copies`), for a writer that gets the
+    state dict in parts."""
     L = cfg.num_hidden_layers
     for name, t in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -80,7 +83,14 @@ def state_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator
                 yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
             continue
         yield name, t
-    for j in range(cfg.num_nextn_predict_layers):  # the release format repeats the shared tensors
+    if shared_copies:
+        yield from mtp_shared_copies(state, cfg)
+
+
+def mtp_shared_copies(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The release format repeats the embedding and the head in every MTP layer (they are shared)."""
+    L = cfg.num_hidden_layers
+    for j in range(cfg.num_nextn_predict_layers):
         yield f"model.layers.{L + j}.embed_tokens.weight", state["model.embed_tokens.weight"]
         yield f"model.layers.{L + j}.shared_head.head.weight", state["lm_head.weight"]
 
@@ -518,10 +528,15 @@ def save_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: str | 
             yield tensors
 
     write_weights(path, shards())
+    write_config(cfg, path, dtype or state["lm_head.weight"].dtype)
+
+
+def write_config(cfg: ModelConfig, path: Path, dtype: torch.dtype) -> None:
+    """config.json for weights written (or to be read) as `dtype`."""
     hf = cfg.to_hf_dict()
     hf.pop("quantization_config", None)  # we always write dequantized weights
     hf.pop("dtype", None)  # transformers v5's spelling; one declared dtype only
-    hf["torch_dtype"] = str(dtype or state["lm_head.weight"].dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2, sort_keys=True))
 
 

@@ -326,8 +326,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=base, choices=choices.get(f.name), **kw)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its newest checkpoint, or from CHECKPOINT (a step-NNNNNNN "
-                        "name or path; later checkpoints are deleted). Changed --lr, --warmup-steps and other "
-                        "optimizer and schedule flags apply from there and are recorded")
+                        "name or path; later checkpoints are deleted), or 'auto': continue if the run has a "
+                        "checkpoint, else start it (what a run restarted by torchrun --max-restarts does "
+                        "by itself). Changed --lr, --warmup-steps and other optimizer and schedule flags apply from "
+                        "there and are recorded")
 
 
 def add_train_parser(sub) -> None:
@@ -339,12 +341,14 @@ def add_train_parser(sub) -> None:
 def cmd_train(args) -> int:
     import torch
 
+    from .parallel.elastic import resolve_resume
     from .train.config import TrainConfig, resolve, resume_config
     from .train.loop import train
     from .train.state import TRAIN_CONFIG
 
     given = {k: v for k, v in vars(args).items() if k in TRAIN_HELP}
     cfg, model_cfg = resolve(TrainConfig(**given), torch.cuda.is_available())
+    args.resume = resolve_resume(args.resume, Path(cfg.out))  # `auto`, or a restart by torchrun
     if args.resume:
         saved_path = Path(cfg.out) / TRAIN_CONFIG
         if not saved_path.is_file():

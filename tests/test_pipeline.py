@@ -21,14 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from deepmoe.checkpoint import load_pretrained
 from deepmoe.model import build_model
 from deepmoe.parallel.pipeline import Objective, Stage, pipeline_refusals, pipeline_split, split_layers
 from deepmoe.train import loop
 from deepmoe.train.config import TrainConfig, resolve
-from deepmoe.train.state import STATE_TENSORS, checkpoint_path, optimizer_tensors
+from deepmoe.train.state import optimizer_tensors
 
 from .conftest import v3_config
 from .test_distributed import launch
@@ -152,8 +150,8 @@ def _train_config(argv: dict, out: Path, **kw) -> TrainConfig:
 
 
 def _stage_steps(rank: int, argv: dict, out: str) -> None:
-    """STEPS steps as one of 2 stages (activation checkpointing on), then validation, a gathered checkpoint and
-    a short greedy sample; each rank writes its records, biases and figures."""
+    """STEPS steps as one of 2 stages (activation checkpointing on), then validation, a checkpoint (each stage
+    writes its own tensors) and a short greedy sample; each rank writes its records, biases and figures."""
     cfg, model_cfg = resolve(_train_config(argv, Path(out), pp=2, activation_checkpointing=True), False)
     trainer = loop.Trainer(cfg, model_cfg)
     records = [trainer.train_step() for _ in range(STEPS)]
@@ -207,20 +205,22 @@ def test_two_stages_match_one_process(micro, reference):
     assert not set(runs[0]["biases"]) & set(runs[1]["biases"])
     assert held == ref_biases
     assert any(abs(b) > 0 for layer in ref_biases.values() for b in layer)
-    # the checkpoint gathered from both stages is the one-process model after the same steps
-    ckpt = checkpoint_path(out, STEPS)
-    got = load_pretrained(ckpt, dtype=torch.float32).state_dict()
+    # the stages' checkpoint (each rank its own tensors, DCP), resumed on one process with --pp 1: the one-process
+    # model and AdamW moments after the same steps
+    cfg, model_cfg = resolve(_train_config(argv, out, pp=1, activation_checkpointing=True), False)
+    one = loop.Trainer(cfg, model_cfg, resume=True)
+    assert one.state["step"] == STEPS and one.dist is None
+    got = one.model.state_dict()
     assert set(got) == set(ref_weights)
     worst = max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
     assert worst <= PARAM_ATOL, worst
     moved = max((ref_weights[k] - ref_init[k]).abs().max().item() for k in ref_weights)
     assert moved > 100 * PARAM_ATOL  # the steps moved the weights far more than the tolerance
-    # and the AdamW moments, gathered from both stages under the single-device names: a resume on one process
-    # continues from the same optimizer state
-    moments = {k: v for k, v in load_file(ckpt / STATE_TENSORS).items() if k.startswith("optim.")}
+    moments = optimizer_tensors(one.model, one.optimizer)
     assert set(moments) == set(ref_moments)
     for k, v in ref_moments.items():
         torch.testing.assert_close(moments[k], v, rtol=1e-3, atol=MOMENT_ATOL, msg=k)
+    one.metrics.close()
 
 
 def test_pipeline_refusals_name_what_to_change(micro):

@@ -62,8 +62,16 @@ def init_distributed(device: str) -> tuple[Process, torch.device]:
         dev = torch.device("cuda", proc.local_rank)  # one GPU per local rank, whatever index --device named
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=proc.rank, world_size=proc.world_size,
-                                device_id=dev if dev.type == "cuda" else None)
+        store = None  # the default: torchrun's store, reached through MASTER_ADDR / MASTER_PORT
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt:
+            # torchrun keeps one store across restarts, and the failed attempt's keys (the dead ranks' gloo
+            # addresses) are still in it: a restarted rank may read one and wait on a dead process. Seen with
+            # torch 2.13 (parallel/elastic.py). Each attempt gets keys of its own.
+            base, _, _ = next(dist.rendezvous("env://", proc.rank, proc.world_size))
+            store = dist.PrefixStore(f"deepmoe/attempt-{attempt}", base)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=proc.rank,
+                                world_size=proc.world_size, device_id=dev if dev.type == "cuda" else None)
     return proc, dev
 
 

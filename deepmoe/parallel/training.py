@@ -1,6 +1,5 @@
 """What a data-parallel training step needs besides the parallelized model: each rank's slice of the global
-batch, step figures reduced over the ranks, the global gradient norm, and the full state gathered to rank 0
-for the checkpoint writer.
+batch, step figures reduced over the ranks and the global gradient norm (checkpoints: checkpoint.py).
 
 Every rank reads its own batch_size / world sequences of the same global batch, so 1 rank and N ranks train
 on the same tokens. Each rank's loss is the mean over its slice and FSDP averages the gradients over the
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .mesh import Process, build_mesh
-from .parallelize import ParallelConfig, parallelize, reshard
+from .parallelize import ParallelConfig, parallelize
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -72,21 +71,6 @@ class DataParallelRun:
             torch._foreach_mul_(grads, coef)
         return norm
 
-    def full_state(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Gather tensors (DTensor shards or plain) into full CPU tensors on rank 0 (None elsewhere). Every rank
-        must call it with the same names in the same order: each DTensor's gather is a collective."""
-        out = {}
-        for name, t in named.items():
-            full = t.full_tensor() if isinstance(t, DTensor) else t
-            if self.is_main:
-                out[name] = full.detach().to("cpu", copy=True)
-            del full
-        return out if self.is_main else None
-
-    def model_state(self, model) -> dict[str, torch.Tensor] | None:
-        reshard(model)  # parameters by name must be the sharded ones the optimizer holds
-        return self.full_state(model.state_dict())
-
     def barrier(self) -> None:
         dist.barrier()
 
@@ -95,11 +79,9 @@ class DataParallelRun:
             dist.destroy_process_group()
 
 
-def unsupported(cfg, resume) -> list[str]:
+def unsupported(cfg) -> list[str]:
     """What a training config asks for that the distributed loop does not do yet, each with what to do."""
     out = []
-    if resume:
-        out.append("--resume (a run's checkpoints are full state dicts; resume it on one process)")
     if cfg.precision == "fp8":
         out.append("--precision fp8 (use bf16)")
     if cfg.qat:

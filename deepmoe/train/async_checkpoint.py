@@ -100,20 +100,14 @@ class BackgroundSaves:
         self.pending: _Write | None = None
 
     def save(self, run_dir: Path, model: DeepSeekModel, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
-             cfg: TrainConfig, state: dict[str, Any], also_keep_up_to: int | None = None,
-             gathered: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> Path:
+             cfg: TrainConfig, state: dict[str, Any], also_keep_up_to: int | None = None) -> Path:
         """Snapshot the model, optimizer, RNG and `state`, start writing checkpoint step-{state['step']}, and
-        return its path (the directory appears once the write is complete: `wait`). gathered: (weights,
-        optimizer tensors) already copied into host memory, written as they are (a distributed run's rank 0
-        passes what it gathered from every rank)."""
+        return its path (the directory appears once the write is complete: `wait`)."""
         self.wait()  # the previous write is done with the buffers this snapshot reuses
-        if gathered is None:
-            weights = model.state_dict(keep_vars=False)
-            moments = optimizer_tensors(model, optimizer)
-            host = self.host.copy(weights | moments)  # model names and optim.* never collide
-            weights, moments = {k: host[k] for k in weights}, {k: host[k] for k in moments}
-        else:
-            weights, moments = gathered
+        weights = model.state_dict(keep_vars=False)
+        moments = optimizer_tensors(model, optimizer)
+        host = self.host.copy(weights | moments)  # model names and optim.* never collide
+        weights, moments = {k: host[k] for k in weights}, {k: host[k] for k in moments}
         tensors = moments | rng_tensors()
         state = copy.deepcopy(state)  # nested dicts (health) the trainer goes on updating
         model_cfg = model.config

@@ -11,9 +11,10 @@ recorded in the config's history and in the metrics.
 
 Launched by torchrun on more than one process, the same loop trains data parallel with FSDP2 and, with
 --ep, expert parallel (deepmoe.parallel, docs/distributed.md): each rank reads its slice of the same global
-batch, the figures logged are reduced over the ranks, and rank 0 alone writes the run's files. With --pp the
-ranks are pipeline stages instead (parallel/pipeline_run.py): the step's micro-batches go through a 1F1B
-schedule, and the model each rank holds is its stage.
+batch, the figures logged are reduced over the ranks, rank 0 alone writes the run's files and every rank its
+shards of each checkpoint (parallel/checkpoint.py); a run torchrun restarts resumes by itself (parallel/elastic.py).
+With --pp the ranks are pipeline stages instead (parallel/pipeline_run.py): the step's micro-batches go through a
+1F1B schedule, and the model each rank holds is its stage.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from ..durable import atomic_write_text, mkdir, mkdtemp, remove_dir, replace_dir
 from ..generate import generate
 from ..model import build_model
 from ..model.router import RoutingLog
+from ..parallel import checkpoint as sharded
+from ..parallel.elastic import resolve_resume, restart_note
 from ..parallel.mesh import Process, check_layout, init_distributed
 from ..parallel.training import DataParallelRun, unsupported
 from ..parallel.parallelize import ParallelConfig
@@ -57,14 +60,14 @@ from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at, set_lr
 from .state import (
     TRAIN_CONFIG,
-    checkpoint_path,
+    check_model_config,
     checkpoint_step,
     find_checkpoint,
     list_checkpoints,
     load_trainer_state,
+    write_checkpoint_files,
     remove_interrupted_saves,
     save_checkpoint,
-    optimizer_tensors,
     write_model_dir,
     write_run_files,
 )
@@ -166,7 +169,8 @@ class _NoLog:
 class Trainer:
     """`resume`: False starts a new run; True continues from the newest checkpoint; a checkpoint's name
     (`step-0000020`) or path continues from that one, deleting the later ones (they belong to the run that
-    is being replaced: a plain resume must never pick them up again)."""
+    is being replaced: a plain resume must never pick them up again); "auto" continues if there is a
+    checkpoint and starts otherwise, as a run restarted by torchrun does (parallel/elastic.py)."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False,
                  distributed: bool = False):
@@ -180,11 +184,12 @@ class Trainer:
         proc = Process.from_env()
         # set below when torchrun started more than one process (a PipelineRun with --pp)
         self.dist: DataParallelRun | None = None
+        resume = resolve_resume(resume, self.run_dir)
         distributed = distributed or proc.world_size > 1
         if distributed or cfg.ep > 1 or cfg.pp > 1:
             moe = any(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_hidden_layers))
             check_layout(proc.world_size, cfg.ep, model_cfg.n_routed_experts if moe else None, proc.rank)
-            refused = unsupported(cfg, resume) + (pipeline_refusals(cfg, proc.world_size) if cfg.pp > 1 else [])
+            refused = unsupported(cfg) + (pipeline_refusals(cfg, proc.world_size) if cfg.pp > 1 else [])
             if refused:
                 raise ValueError(f"rank {proc.rank}: not available with more than one process or stage yet: "
                                  f"{'; '.join(refused)}")
@@ -199,6 +204,8 @@ class Trainer:
         ckpt = None
         if resume:
             ckpt = checkpoints[-1] if resume is True else find_checkpoint(self.run_dir, resume)
+            check_model_config(ckpt, model_cfg)
+        self.restart_note = restart_note(self.run_dir, ckpt)  # before the metrics log is cut back to ckpt
         torch.manual_seed(cfg.seed)
 
         if proc.world_size > 1 and not self.is_main:
@@ -211,7 +218,7 @@ class Trainer:
         if self.is_main:
             mkdir(self.run_dir)  # only once the data is known to be usable
             remove_interrupted_saves(self.run_dir)
-        if ckpt is not None:
+        if ckpt is not None and not sharded.is_sharded(ckpt):
             self.model = load_pretrained(ckpt, device=self.device, dtype=torch.float32)
         else:
             self.model = build_model(model_cfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
@@ -239,8 +246,11 @@ class Trainer:
         # elapsed_s: time in optimizer steps; wall_s: time of the whole run up to the last save
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped_steps": 0, "bad_in_a_row": 0,
                                       "elapsed_s": 0.0, "wall_s": 0.0, "health": new_health()}
-        if ckpt is not None:
-            saved = load_trainer_state(ckpt, self.model, self.optimizer)
+        if ckpt is not None:  # a sharded checkpoint's weights too; on any world size, resharded
+            if self.dist is None and not sharded.is_sharded(ckpt):
+                saved = load_trainer_state(ckpt, self.model, self.optimizer)
+            else:
+                saved = sharded.load_checkpoint(ckpt, self.model, self.optimizer, model_cfg)
             self.sampler.load_state_dict(saved.pop("sampler"))
             self.state.update(saved)
         self.wall_before = self.state["wall_s"]  # what the sessions before this one took
@@ -276,7 +286,7 @@ class Trainer:
     def _continue_from(self, ckpt: Path, checkpoints: list[Path]) -> None:
         """Drop the checkpoints after `ckpt`, and record what this resume changes in the run's config."""
         later = checkpoints[checkpoints.index(ckpt) + 1:]
-        for c in later:
+        for c in later if self.is_main else []:
             remove_dir(c)
         if later:
             log.info("continuing from %s: removed the later checkpoint(s) %s", ckpt.name,
@@ -287,7 +297,8 @@ class Trainer:
         history = saved.history + ([{"step": self.state["step"], "changes": self.changes}] if self.changes else [])
         self.cfg = dataclasses.replace(self.cfg, history=history)
         # rewritten even without changes: a copied run gets its own location
-        atomic_write_text(run_cfg, json.dumps(self.cfg.to_dict(), indent=2))
+        if self.is_main:
+            atomic_write_text(run_cfg, json.dumps(self.cfg.to_dict(), indent=2))
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> StepResult:
@@ -385,13 +396,10 @@ class Trainer:
         state = dict(self.state, sampler=self.sampler.state_dict())
         # while blowing up, keep the checkpoint to come back to however many newer ones are saved
         keep = last_sound_step(self.state["health"])
-        if self.dist is not None:  # every rank gathers; rank 0 writes what it received
-            weights = self.dist.model_state(self.model)
-            moments = self.dist.full_state(optimizer_tensors(self.model, self.optimizer))
-            if not self.is_main:
-                return checkpoint_path(self.run_dir, self.state["step"])
-            return self.saves.save(self.run_dir, self.model, self.optimizer, self.data.tokenizer, self.cfg, state,
-                                   also_keep_up_to=keep, gathered=(weights, moments))
+        if self.dist is not None:  # every rank writes its shards (parallel/checkpoint.py), in the loop
+            return sharded.save_checkpoint(
+                self.run_dir, self.model, self.optimizer, state, keep=self.cfg.keep_checkpoints, also_keep_up_to=keep,
+                write_files=lambda tmp: write_checkpoint_files(tmp, self.model_cfg, self.data.tokenizer, self.cfg))
         if self.cfg.async_checkpoint:
             return self.saves.save(self.run_dir, self.model, self.optimizer, self.data.tokenizer, self.cfg, state,
                                    also_keep_up_to=keep)
@@ -401,19 +409,24 @@ class Trainer:
     def write_final(self) -> Path:
         self.saves.wait()  # the last checkpoint first: a run whose final/ exists has all its checkpoints
         final = self.run_dir / "final"
-        weights = None if self.dist is None else self.dist.model_state(self.model)
-        if not self.is_main:
-            return final
-        tmp = mkdtemp(prefix=".final.", dir=self.run_dir)
+        tmp = mkdtemp(prefix=".final.", dir=self.run_dir) if self.is_main else None
         try:
-            if weights is None:
+            if self.dist is None:
                 write_model_dir(tmp, self.model, self.data.tokenizer, self.cfg)
-            else:
-                save_state(weights, self.model_cfg, tmp)
-                write_run_files(tmp, self.data.tokenizer, self.cfg)
-            replace_dir(tmp, final)
+            elif self.cfg.pp > 1:  # each stage holds whole tensors of its own: rank 0 receives them all
+                weights = self.dist.model_state(self.model)
+                if self.is_main:
+                    save_state(weights, self.model_cfg, tmp)
+                    write_run_files(tmp, self.data.tokenizer, self.cfg)
+            else:  # every rank gathers, a shard at a time; rank 0 writes
+                sharded.export_pretrained(self.model, tmp)
+                if self.is_main:
+                    write_run_files(tmp, self.data.tokenizer, self.cfg)
+            if self.is_main:
+                replace_dir(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
 
@@ -460,6 +473,8 @@ def _run(trainer: Trainer, echo, tqdm) -> dict[str, Any] | None:
         if "step_time_s" not in summary:  # written before wall and step time were told apart: a lower bound
             summary["step_time_s"] = summary["wall_time_s"] = summary.pop("train_time_s")
         return summary
+    if trainer.restart_note:
+        echo(f"restart   {trainer.restart_note}")
     if state["step"]:
         echo(f"resuming  from step {state['step']} ({state['tokens']:,} tokens)")
     for name, change in trainer.changes.items():

@@ -12,11 +12,13 @@ place in one step (`deepmoe.durable.replace_dir`), so a crash or power loss at a
 existing checkpoint intact and never a half-written one under a step-* name; what such a crash does leave,
 the hidden temp directory, is removed when the run next starts (`remove_interrupted_saves`). No pickle:
 tensors are safetensors, the rest JSON. The pretraining loop writes the same files from a snapshot in host
-memory on a background thread (deepmoe.train.async_checkpoint); post-training saves here, in its loop.
+memory on a background thread (deepmoe.train.async_checkpoint); post-training saves here, in its loop. A run
+on several processes writes sharded checkpoints under the same names and rules (deepmoe.parallel.checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -28,7 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import save_pretrained, write_config
+from ..config import ModelConfig
 from ..durable import atomic_write, atomic_write_text, mkdir, mkdtemp, recover_dir, remove_dir, replace_dir
 from ..model import DeepSeekModel
 from ..tokenizer import Tokenizer
@@ -71,6 +74,13 @@ def write_run_files(path: Path, tokenizer: Tokenizer, cfg: Any, config_name: str
     atomic_write_text(path / config_name, json.dumps(cfg.to_dict(), indent=2))
 
 
+def write_checkpoint_files(path: Path, model_cfg: ModelConfig, tokenizer: Tokenizer, cfg: TrainConfig) -> None:
+    """A checkpoint's files besides the weights, for a writer that stores the weights in another form (a
+    distributed run's shards, deepmoe.parallel.checkpoint): the model config, tokenizer and run config."""
+    write_config(model_cfg, path, torch.float32)  # the weights are fp32 master copies, as write_model_dir's
+    write_run_files(path, tokenizer, cfg)
+
+
 def save_checkpoint(run_dir: Path, model: DeepSeekModel, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig, state: dict[str, Any], also_keep_up_to: int | None = None,
                     config_name: str = TRAIN_CONFIG, write_model: ModelWriter = write_model_dir) -> Path:
@@ -103,12 +113,17 @@ def write_checkpoint(run_dir: Path, state: dict[str, Any], write_model: Callable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune_checkpoints(run_dir, keep, also_keep_up_to)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int, also_keep_up_to: int | None = None) -> None:
+    """Drop all but the newest `keep` checkpoints and the newest at or before step `also_keep_up_to`."""
     checkpoints = list_checkpoints(run_dir)
     sound = [c for c in checkpoints if also_keep_up_to is not None and checkpoint_step(c) <= also_keep_up_to]
     for old in checkpoints[:-keep]:
         if not sound or old != sound[-1]:
             remove_dir(old)
-    return final
 
 
 def checkpoint_step(path: Path) -> int:
@@ -158,6 +173,23 @@ def remove_interrupted_saves(run_dir: Path) -> list[Path]:
         log.info("removed what %d interrupted save(s) left in %s (%.1f MB): %s", len(found), run_dir, size / 1e6,
                  ", ".join(str(p.relative_to(run_dir)) for p in found))
     return found
+
+
+def check_model_config(ckpt: Path, model_cfg: ModelConfig) -> None:
+    """A ValueError naming the fields where the model saved in `ckpt` differs from `model_cfg`, the model this
+    run builds: its weights and optimizer state would not fit (or, worse, fit and mean something else)."""
+    try:
+        saved = ModelConfig.from_json(ckpt / "config.json")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(ckpt)!r} has no readable model config ({e}); resume from an earlier "
+                         "one by deleting this directory") from e
+    names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
+    diff = [f"{n}: {getattr(saved, n)!r} saved, {getattr(model_cfg, n)!r} now" for n in names
+            if getattr(saved, n) != getattr(model_cfg, n)]
+    if diff:
+        raise ValueError(f"cannot resume from {str(ckpt)!r}: it holds a model with another config than this run "
+                         f"builds ({'; '.join(diff)}). Resume with the run's own model config (the --config or "
+                         "--preset in its train_config.json, unchanged), or start a new run in another --out")
 
 
 def load_trainer_state(ckpt: Path, model: DeepSeekModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class DataParallelRun:
                                                          range(model.config.num_hidden_layers)) else None
         self.mesh = build_mesh(device.type, proc.world_size, cfg.ep, n_experts, proc.rank)
         self.model = parallelize(model, self.mesh, cfg)
+        self.sharded = proc.world_size > 1  # one rank: plain parameters (parallelize applies nothing)
         self.per_rank = batch_size // proc.world_size
 
     def local_indices(self, indices: list[int]) -> list[int]:

@@ -271,7 +271,8 @@ class Trainer:
         if cfg.compile:
             apply_compile(self.model)
         # bf16 compute copies of the matmul weights over the fp32 masters, wherever the matmuls run in bf16
-        self.compute = ComputeWeights(self.model) if self.autocast is not None and self.dist is None else None
+        fsdp = self.dist is not None and getattr(self.dist, "sharded", True)  # FSDP gathers bf16 weights itself
+        self.compute = ComputeWeights(self.model) if self.autocast is not None and not fsdp else None
         if self.complete:
             self.metrics = None  # nothing will be logged, and the log is left as the run finished it
             return

@@ -199,3 +199,8 @@ def test_cli_quantize_awq_bad_requests(saved, tmp_path, capsys):
     assert main(base + ["--scheme", "int4", "--clip"]) == 2
     assert "apply to --awq only" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+    # an already-quantised model is refused before any calibration text is read
+    assert main(["quantize", str(path), str(tmp_path / "int8"), "--scheme", "int8", "--group-size", "32"]) == 0
+    assert main(["quantize", str(tmp_path / "int8"), str(tmp_path / "again"), "--scheme", "int4", "--awq",
+                 "--calib-data", str(tmp_path / "missing.txt")]) == 2
+    assert "already quantised" in capsys.readouterr().err

@@ -51,11 +51,14 @@ def cmd_quantize(args) -> int:
     if args.awq:
         import torch
 
+        from pathlib import Path
+
         from .calibration import calibration_tokens
-        from .quantize import awq_quantize_checkpoint
+        from .quantize import awq_quantize_checkpoint, check_source
 
         if scheme.fp8:
             raise QuantError("--awq applies to int8/int4; fp8 (128x128 blocks) is rounded directly")
+        check_source(Path(args.src), Path(args.dst), scheme)  # before tokenising the calibration text
         tokens, what = calibration_tokens(args.src, args.calib_samples, args.calib_seq_len, args.calib_data,
                                           args.text_field)
         print(f"awq       calibration: {tokens.shape[0]} windows of {tokens.shape[1]} tokens from the {what}")

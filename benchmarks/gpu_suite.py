@@ -6,6 +6,11 @@ one summary table last (step, status, seconds, the step's own figures and ratios
     python benchmarks/gpu_suite.py --only decode rollout serve   # then inference (estimates, not yet timed)
     python benchmarks/gpu_suite.py --cpu-check     # the same steps at CPU sizes: proves the suite runs
 
+The step limits sum to ~16 minutes for `CUDA train` (6 steps) and ~17 for `decode rollout serve` (8 steps,
+the quantised-decode and torchao ones included), while a session lends 15 minutes of device time in all. The
+real step times are unknown until a first run, so a session should run `--only CUDA train` first and give the
+inference steps what remains (e.g. `--only quant distributed` for issues 14 and 15's goals alone).
+
 GPU time is scarce, so each step has its own time limit and a failing or slow step does not stop the
 others. Without CUDA (and without --cpu-check) every GPU step is reported as skipped and the suite exits 0.
 Each benchmark times deepmoe and its reference in the same process on the same inputs; the figures go in

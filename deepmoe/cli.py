@@ -16,8 +16,8 @@ from pathlib import Path
 from . import __version__
 from .cli_posttrain import add_distill_parser, add_grpo_parser, add_sft_parser
 from .quant.cli import add_quantize_parser
-from .cli_args import (DTYPES, Parser, add_device_dtype, add_model_arg, at_least, device, dtype_name,
-                       existing_path, model_dir, non_empty, resolve_model_arg, shard_size, torch_dtype)
+from .cli_args import (DTYPES, Parser, add_dataclass_flags, add_device_dtype, add_model_arg, at_least, device,
+                       dtype_name, existing_path, model_dir, non_empty, resolve_model_arg, shard_size, torch_dtype)
 
 
 # ---- info ---------------------------------------------------------------------------------------------
@@ -292,38 +292,12 @@ TRAIN_HELP = {
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-    import typing
-
     from .config import list_presets
     from .train.config import PRECISIONS, QAT_SCHEMES, SCHEDULES, TrainConfig
 
     choices = {"preset": list_presets(), "schedule": SCHEDULES, "precision": PRECISIONS, "qat": QAT_SCHEMES}
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in TRAIN_HELP:
-            continue
-        flag = "--config" if f.name == "model_config" else "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        # the flags default to SUPPRESS (only given flags reach TrainConfig and the resume check), so the
-        # help shows the dataclass's default itself
-        help = TRAIN_HELP[f.name]
-        if "default" not in help:
-            shown = (("on" if f.default else "off") if kind is bool
-                     else ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
-            help += f" (default: {shown})"
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(kind) is tuple:  # comma-separated values
-            item = typing.get_args(kind)[0]
-            p.add_argument(flag, type=lambda s, item=item: tuple(item(v) for v in s.split(",") if v.strip()),
-                           metavar=flag.removeprefix("--").replace("-", "_").upper(), **kw)
-        elif f.name == "device":
-            p.add_argument(flag, type=device, **kw)
-        else:
-            base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
-            p.add_argument(flag, type=base, choices=choices.get(f.name), **kw)
+    add_dataclass_flags(p, TrainConfig, TRAIN_HELP, choices, types={"device": device},
+                        renames={"model_config": "--config"})
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its newest checkpoint, or from CHECKPOINT (a step-NNNNNNN "
                         "name or path; later checkpoints are deleted), or 'auto': continue if the run has a "

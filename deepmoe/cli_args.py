@@ -161,3 +161,37 @@ def resolve_model_arg(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.model is None and args.model_required:
         parser.exit(2, f"deepmoe {args.command}: error: give the model directory: "
                        f"deepmoe {args.command} MODEL_DIR (or --model MODEL_DIR)\n")
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], choices: dict | None = None,
+                        types: dict | None = None, renames: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` that `helps` documents (`--field-name`, or `renames`'
+    spelling): booleans as --x/--no-x, tuples as comma-separated values, everything else by the field's type
+    unless `types` gives a checking function. Every flag defaults to SUPPRESS, so only the flags given reach the
+    config (and a resume's check of what changed); the help shows the dataclass's default instead."""
+    import dataclasses
+    import typing
+
+    choices, types, renames = choices or {}, types or {}, renames or {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in helps:
+            continue
+        flag = renames.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = hints[f.name]
+        help = helps[f.name]
+        if "default" not in help and "(required)" not in help:
+            shown = (("on" if f.default else "off") if kind is bool
+                     else ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
+            help += f" (default: {shown})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(kind) is tuple:  # comma-separated values
+            item = typing.get_args(kind)[0]
+            p.add_argument(flag, type=lambda s, item=item: tuple(item(v) for v in s.split(",") if v.strip()),
+                           metavar=flag.removeprefix("--").replace("-", "_").upper(), **kw)
+        else:
+            base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
+            metavar = None if f.name in choices else flag.removeprefix("--").replace("-", "_").upper()
+            p.add_argument(flag, type=types.get(f.name, base), choices=choices.get(f.name), metavar=metavar, **kw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_args import add_model_arg, at_least, device, existing_path, model_dir
+from .cli_args import add_dataclass_flags, add_model_arg, at_least, device, existing_path, model_dir
 
 # ---- flags from the config dataclasses ----------------------------------------------------------------
 # help per SFTConfig / DistillConfig field; flags are --field-name, types from the dataclass. As for train,
@@ -121,9 +121,6 @@ POSTTRAIN_RESUME_OVERRIDES = {"steps", "eval_every", "checkpoint_every", "keep_c
 
 
 def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str], renames: dict[str, str]) -> None:
-    import dataclasses
-    import typing
-
     from .config import list_presets
     from .posttrain.config import DISTILL_MODES, PRECISIONS
     from .posttrain.data import BAD_LINE_POLICIES
@@ -137,29 +134,7 @@ def _add_posttrain_flags(p: argparse.ArgumentParser, cls, helps: dict[str, str],
                "scale_rewards": SCALE_REWARDS, "qat": QAT_SCHEMES}
     types = {"device": device, "teacher": model_dir, "model": model_dir, "data": existing_path,
              "student_config": existing_path, "lora_rank": at_least(1)}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name not in helps:
-            continue
-        flag = renames.get(f.name, "--" + f.name.replace("_", "-"))
-        kind = hints[f.name]
-        # SUPPRESS: only given flags reach the config and the resume check, so the help shows the default
-        help = helps[f.name]
-        if "default" not in help and "(required)" not in help:
-            shown = (("on" if f.default else "off") if kind is bool
-                     else ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default)
-            help += f" (default: {shown})"
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(kind) is tuple:  # comma-separated values
-            item = typing.get_args(kind)[0]
-            p.add_argument(flag, type=lambda s, item=item: tuple(item(v) for v in s.split(",") if v.strip()),
-                           metavar=flag.removeprefix("--").replace("-", "_").upper(), **kw)
-        else:
-            base = next(t for t in (int, float, str) if t == kind or t in typing.get_args(kind))
-            metavar = None if f.name in choices else flag.removeprefix("--").replace("-", "_").upper()
-            p.add_argument(flag, type=types.get(f.name, base), choices=choices.get(f.name), metavar=metavar, **kw)
+    add_dataclass_flags(p, cls, helps, choices, types, renames)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint; flags that would change its data, "
                         "model or objective are refused")

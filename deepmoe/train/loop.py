@@ -174,9 +174,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool | str | os.PathLike = False,
                  distributed: bool = False):
-        """distributed: take the distributed path (a process group, FSDP) even on one process, as torchrun with
-        one process would not: what benchmarks/train_throughput.py --force-distributed times against the plain
-        path."""
+        """distributed: take the distributed path even on one process (a process group, the all-reduced figures
+        and norm, DCP checkpoints; on one rank `parallelize` applies no FSDP): what
+        benchmarks/train_throughput.py --force-distributed times against the plain path."""
         self.started = time.perf_counter()
         self.cfg, self.model_cfg = cfg, model_cfg
         self.run_dir = Path(cfg.out)

@@ -19,8 +19,8 @@ process, so machine noise hits both alike; the figure is the median step time.
 --force-distributed adds a second deepmoe trainer that takes the distributed code path on this one process: a
 1-rank process group (gloo on CPU, NCCL on CUDA), the (dp_shard, ep) = (1, 1) mesh and parallelize (which on
 one rank applies no FSDP: there is nothing to shard, and its copies cost 1.2x the plain step on CPU; the plain
-bf16 compute copies stay), the all-reduced step figures, counts and grad norm, the DCP checkpoints. It is what
-`torchrun --nproc-per-node 1 -m deepmoe train` runs: the cost of the path itself. Both trainers start from the same seed, so the same weights and batches (their first losses
+bf16 compute copies stay), the all-reduced step figures, counts and grad norm, the DCP checkpoints (`Trainer(..., distributed=True)`;
+`torchrun --nproc-per-node 1` itself takes the plain path): the cost of the path itself. Both trainers start from the same seed, so the same weights and batches (their first losses
 are checked equal), and are timed in the same alternating rounds; the line "distributed path (world 1) / plain
 path" is the ratio of their median step times (issue 15's goal: <= 1.03x on ref-813M on one GPU). With one
 rank ep is 1, so the expert-parallel dispatch (installed only for ep > 1) is not part of what is timed.

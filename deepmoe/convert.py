@@ -14,12 +14,21 @@ import torch
 
 from .checkpoint import (CheckpointError, SafetensorsFiles, by_shard, _fp8_block, _int_scheme, _key_files, _read_config,
                          write_weights)
-from .durable import atomic_write, atomic_write_text, mkdir
+from .durable import atomic_write, atomic_write_text, fsync_file, mkdir
 from .fp8 import dequantize_fp8_block
 
 # what a model directory holds besides config.json and the weights: copied along by convert and merge
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "chat_template.jinja")
+
+
+def copy_side_files(src: Path, dst: Path, names: tuple[str, ...] = SIDE_FILES) -> None:
+    """Copy those of `names` that src holds into dst, a directory being built (renamed into place later), each
+    fsynced so the rename publishes complete files."""
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            fsync_file(dst / name)
 
 
 def parse_size(text: str) -> int:

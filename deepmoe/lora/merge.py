@@ -19,8 +19,8 @@ import torch
 
 from ..checkpoint import (CheckpointError, SafetensorsFiles, _fp8_block, _key_files, _read_config, by_shard,
                           write_weights)
-from ..convert import SIDE_FILES
-from ..durable import fsync_file, mkdir, mkdtemp, replace_dir
+from ..convert import SIDE_FILES, copy_side_files
+from ..durable import mkdir, mkdtemp, replace_dir
 from ..model import DeepSeekModel
 from .adapter import CONFIG_NAME, AdapterError, adapter_plan, read_adapter_config, read_adapter_tensors
 from .apply import OUTSIDE_STACK, Plan
@@ -67,10 +67,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str 
     tmp = mkdtemp(f".{out.name}.", mkdir(out.parent.resolve()))
     try:
         n = write_weights(tmp, by_shard(tensors(), max_shard_size))
-        for name in ("config.json", *SIDE_FILES):
-            if (base / name).is_file():
-                shutil.copyfile(base / name, tmp / name)
-                fsync_file(tmp / name)
+        copy_side_files(base, tmp, ("config.json", *SIDE_FILES))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,6 @@ Validation and the end-of-run sample go through the stages with plain send/recv,
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +28,7 @@ from ..train.balance import moe_layers
 from ..train.losses import cross_entropy
 from .mesh import Process
 from .pipeline import Objective, Stage, pipeline_refusals, pipeline_split
+from .training import clip_global_grad_norm
 
 
 class PipelineRun:
@@ -120,18 +120,8 @@ class PipelineRun:
         return [loss, ce, mtp, aux], out_counts
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        """Global L2 norm of the gradients, clipped to max_norm as torch.nn.utils.clip_grad_norm_ does: the
-        stages' parameters are disjoint, so the sum of their squares over the ranks is the global one."""
-        grads = [p.grad for p in params if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        if grads:
-            sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-        dist.all_reduce(sq)
-        norm = float(sq.sqrt())
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0 and math.isfinite(norm):
-            torch._foreach_mul_(grads, coef)
-        return norm
+        """The stages' parameters are disjoint: see clip_global_grad_norm."""
+        return clip_global_grad_norm(params, max_norm, self.device)
 
     # ---- forward only: validation and sampling ---------------------------------------------------------------
     def _hidden(self, x: torch.Tensor) -> torch.Tensor | None:

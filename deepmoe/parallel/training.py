@@ -22,6 +22,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def clip_global_grad_norm(params: list[torch.Tensor], max_norm: float, device: torch.device) -> float:
+    """Global L2 norm of the gradients, clipped to max_norm as torch.nn.utils.clip_grad_norm_ does, where every
+    gradient element lives on exactly one rank (FSDP shards, expert-parallel slices, pipeline stages): the squares
+    of the local parts summed over the world are the global sum of squares, one all-reduce."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    if grads:
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    dist.all_reduce(sq)
+    norm = float(sq.sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0 and math.isfinite(norm):
+        torch._foreach_mul_(grads, coef)
+    return norm
+
+
 class DataParallelRun:
     """One rank's view of a distributed training run: the mesh, its share of the data, the reductions."""
 
@@ -57,20 +73,9 @@ class DataParallelRun:
         return out, None if counts is None else flat[len(present):].round().to(torch.int64).view(counts.shape)
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        """Global L2 norm of the gradients, clipped to max_norm as torch.nn.utils.clip_grad_norm_ does. Every
-        parameter is sharded over all ranks (FSDP over dp, or over dp_shard × ep for the routed experts) with
-        no element on two ranks, so the squares of the local shards summed over the world are the global
-        sum of squares: one all-reduce, whatever meshes the parameters live on."""
-        grads = [_local(p.grad) for p in params if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        if grads:
-            sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-        dist.all_reduce(sq)
-        norm = float(sq.sqrt())
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0 and math.isfinite(norm):
-            torch._foreach_mul_(grads, coef)
-        return norm
+        """Every parameter is sharded over all ranks (FSDP over dp, or over dp_shard × ep for the routed experts)
+        with no element on two ranks: see clip_global_grad_norm."""
+        return clip_global_grad_norm(params, max_norm, self.device)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -65,6 +65,15 @@ class AwqReport:
     error_awq: float = 0.0  # … at the chosen α
     alphas: list[float] = field(default_factory=list)
 
+    def search(self, terms: list[Term], mean_abs: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+        """search_scale, with its outcome counted here; → the scale s."""
+        s, alpha, rtn, err = search_scale(terms, mean_abs, scheme)
+        self.groups += 1
+        self.error_rtn += rtn
+        self.error_awq += err
+        self.alphas.append(alpha)
+        return s
+
 
 # ---- the searches: pure functions of (inputs, weights) --------------------------------------------------
 def subsample(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -229,14 +238,7 @@ def awq_layer(layer: nn.Module, feats: dict, routings: list, scheme: QuantScheme
 
     def group(x: torch.Tensor, named: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
         terms = [Term(x, w) for name, w in named if q(name)]
-        if not terms:
-            return None
-        s, alpha, rtn, err = search_scale(terms, _mean_abs(x), scheme)
-        report.groups += 1
-        report.error_rtn += rtn
-        report.error_awq += err
-        report.alphas.append(alpha)
-        return s
+        return report.search(terms, _mean_abs(x), scheme) if terms else None
 
     # attention input: input_layernorm → q_a_proj / q_proj and kv_a_proj_with_mqa
     first = "self_attn.q_a_proj" if hasattr(attn, "q_a_proj") else "self_attn.q_proj"
@@ -292,11 +294,7 @@ def awq_layer(layer: nn.Module, feats: dict, routings: list, scheme: QuantScheme
                     xe = h[tok]
                     terms += [Term(xe, ex.gate_proj[e], wt), Term(xe, ex.up_proj[e], wt)]
         if terms:
-            s, alpha, rtn, err = search_scale(terms, _mean_abs(h), scheme)
-            report.groups += 1
-            report.error_rtn += rtn
-            report.error_awq += err
-            report.alphas.append(alpha)
+            s = report.search(terms, _mean_abs(h), scheme)
             _fold_norm(layer.post_attention_layernorm, s)
             _scale_columns(mlp.gate.weight, s)  # the router sees x/s: scale its columns back (exact, fp32)
             if mlp.shared_experts is not None:
@@ -323,11 +321,7 @@ def awq_layer(layer: nn.Module, feats: dict, routings: list, scheme: QuantScheme
                     continue
                 xe = h[tok]
                 a = F.silu(xe @ gate.float().T) * (xe @ up.float().T)
-                s, alpha, rtn, err = search_scale([Term(a, down, wt)], _mean_abs(a), scheme)
-                report.groups += 1
-                report.error_rtn += rtn
-                report.error_awq += err
-                report.alphas.append(alpha)
+                s = report.search([Term(a, down, wt)], _mean_abs(a), scheme)
                 up.div_(s.unsqueeze(-1).to(up.dtype))
                 _scale_columns(down, s)
                 if clip:

@@ -24,8 +24,8 @@ import torch
 
 from ..checkpoint import (CheckpointError, SafetensorsFiles, _EXPERT, _fp8_block, _key_files, _read_config, by_shard,
                           write_weights)
-from ..convert import SIDE_FILES
-from ..durable import atomic_write_text, fsync_file, mkdir, mkdtemp, replace_dir
+from ..convert import SIDE_FILES, copy_side_files
+from ..durable import atomic_write_text, mkdir, mkdtemp, replace_dir
 from ..fp8 import dequantize_fp8_block
 from .format import disk_tensors, quantization_config
 from .modules import set_weight, swap_modules
@@ -173,10 +173,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme, s
                          if k.endswith(".weight") and len(s) == 2 and k not in chosen})
         raw["quantization_config"] = quantization_config(scheme, ignore)
         atomic_write_text(tmp / "config.json", json.dumps(raw, indent=2, sort_keys=True))
-        for name in SIDE_FILES + ("train_config.json",):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-                fsync_file(tmp / name)
+        copy_side_files(src, tmp, SIDE_FILES + ("train_config.json",))
         replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,9 +210,7 @@ def awq_quantize_checkpoint(src: str | Path, dst: str | Path, scheme: QuantSchem
         ours = json.loads((tmp / "config.json").read_text())
         ours.update({k: v for k, v in raw.items() if k not in ("torch_dtype", "dtype")})  # src's fields verbatim
         atomic_write_text(tmp / "config.json", json.dumps(ours, indent=2, sort_keys=True))
-        for name in SIDE_FILES + ("train_config.json",):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        copy_side_files(src, tmp, SIDE_FILES + ("train_config.json",))
         stats = quantize_checkpoint(tmp, dst, scheme, skip, max_shard_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -86,6 +86,18 @@ def hf_random_model(hcfg, seed: int = 0, dtype=torch.float32, scale_qk: float = 
         return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
 
 
+def write_code_corpus(root: Path, files: int = 40, modulus: int = 17, lines: int = 12, spread: int = 9) -> Path:
+    """A folder `root/corpus` of small generated Python modules (a training corpus `deepmoe train --data` reads,
+    varied enough for a validation split); → its path."""
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(files):
+        body = "".join(f"    value_{j} = compute(x, {i * j % modulus}) + offset_{j % 5}\n"
+                       for j in range(lines + i % spread))
+        (corpus / f"mod_{i:02d}.py").write_text(f"def function_{i}(x):\n{body}    return value_{i % 7}\n")
+    return corpus
+
+
 def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
     """The definition the engines are checked against: n greedy tokens, each by a full forward, no cache."""
     ids = list(prompt)

@@ -17,7 +17,7 @@ from deepmoe.train.async_checkpoint import CheckpointWriteError, HostCopies
 from deepmoe.train.config import TrainConfig, resolve
 from deepmoe.train.state import list_checkpoints, save_checkpoint
 
-from .conftest import v3_config
+from .conftest import v3_config, write_code_corpus
 from .test_train_loop import assert_same_run
 
 STEPS = 8
@@ -26,11 +26,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("async-ckpt")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(24):
-        body = "".join(f"    value_{j} = compute(x, {i * j % 13}) + offset_{j % 5}\n" for j in range(10 + i % 7))
-        (corpus / f"mod_{i:02d}.py").write_text(f"def function_{i}(x):\n{body}    return value_{i % 7}\n")
+    corpus = write_code_corpus(root, files=24, modulus=13, lines=10, spread=7)
     # tied embeddings and an MTP layer: the snapshot copies the shared weight once, the writer repeats it
     cfg = v3_config(vocab_size=512, rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=True)
     cfg_path = root / "micro.json"

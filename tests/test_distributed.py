@@ -35,7 +35,7 @@ from deepmoe.parallel.mesh import ParallelError, check_layout
 from deepmoe.train import loop
 from deepmoe.train.config import TrainConfig, resolve
 
-from .conftest import v3_config
+from .conftest import v3_config, write_code_corpus
 
 STEPS = 3
 LOSS_RTOL, NORM_RTOL = 2e-6, 1e-5
@@ -159,11 +159,7 @@ def test_expert_parallel_matches_local_experts(tmp_path):
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        body = "".join(f"    value_{j} = compute(x, {i * j % 17}) + offset_{j % 5}\n" for j in range(12 + i % 9))
-        (corpus / f"mod_{i:02d}.py").write_text(f"def function_{i}(x):\n{body}    return value_{i % 7}\n")
+    corpus = write_code_corpus(root)
     cfg_path = root / "micro.json"
     cfg_path.write_text(json.dumps(v3_config(vocab_size=512, rope_scaling=None, max_position_embeddings=64)
                                    .to_hf_dict()))

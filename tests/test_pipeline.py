@@ -28,7 +28,7 @@ from deepmoe.train import loop
 from deepmoe.train.config import TrainConfig, resolve
 from deepmoe.train.state import optimizer_tensors
 
-from .conftest import v3_config
+from .conftest import v3_config, write_code_corpus
 from .test_distributed import launch
 
 STEPS, GRAD_ACCUM = 3, 4
@@ -130,11 +130,7 @@ def test_stages_chained_equal_step_loss(alpha):
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        body = "".join(f"    value_{j} = compute(x, {i * j % 17}) + offset_{j % 5}\n" for j in range(12 + i % 9))
-        (corpus / f"mod_{i:02d}.py").write_text(f"def function_{i}(x):\n{body}    return value_{i % 7}\n")
+    corpus = write_code_corpus(root)
     cfg_path = root / "micro.json"
     cfg_path.write_text(json.dumps(v3_config(vocab_size=512, num_hidden_layers=4, rope_scaling=None,
                                              max_position_embeddings=64).to_hf_dict()))

@@ -21,7 +21,7 @@ from deepmoe.train import loop
 from deepmoe.train.config import TrainConfig, resolve
 from deepmoe.train.state import list_checkpoints
 
-from .conftest import v3_config
+from .conftest import v3_config, write_code_corpus
 
 STEPS = 12
 # values that must be bit-identical between an uninterrupted and a resumed run (not timings)
@@ -31,11 +31,7 @@ EXACT = ("loss", "ce", "mtp_loss", "aux_loss", "lr", "grad_norm", "max_vio", "ex
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        body = "".join(f"    value_{j} = compute(x, {i * j % 17}) + offset_{j % 5}\n" for j in range(12 + i % 9))
-        (corpus / f"mod_{i:02d}.py").write_text(f"def function_{i}(x):\n{body}    return value_{i % 7}\n")
+    corpus = write_code_corpus(root)
     cfg = v3_config(vocab_size=512, rope_scaling=None, max_position_embeddings=64)
     cfg_path = root / "micro.json"
     cfg_path.write_text(json.dumps(cfg.to_hf_dict()))

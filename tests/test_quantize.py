@@ -194,6 +194,26 @@ def test_sync_free_experts_equal_the_grouped_form(quantized):
         torch.testing.assert_close(experts(x, idx, w, sync_free=True), experts(x, idx, w), rtol=1e-5, atol=1e-6)
 
 
+def test_sync_free_experts_and_linears_compile_to_one_graph(quantized):
+    """The graphed CUDA decode runs the sync-free form: it must trace with no graph break (the reference path;
+    the Triton kernel is left out under compile) and equal eager."""
+    model = load_pretrained(quantized[1])
+    use_reference(model)
+    layer = model.model.layers[1]
+    experts, proj = layer.mlp.experts, layer.self_attn.o_proj
+    x = torch.randn(5, 64)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(5)])
+    w = torch.rand(5, 4)
+
+    def step(x, idx, w):
+        return experts(x, idx, w, sync_free=True) + proj(x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, idx, w), step(x, idx, w), rtol=1e-5, atol=1e-6)
+
+
 def test_llm_serves_a_quantised_directory(quantized):
     path = quantized[1]
     llm = LLM(path, device="cpu", kv_cache_bytes=1 << 20, block_size=4)
